@@ -1,0 +1,17 @@
+"""Stage-3 (lmms-eval) configuration: which tasks, how many samples, generation settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.schema import option
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = option(["demo"], help="task names or task sets (paper13, demo); comma-separated on the CLI")
+    limit: int | None = option(None, min=1, help="evaluate at most this many samples per task")
+    batch_size: int = option(1, min=1)
+    max_new_tokens: int = option(16, min=1)
+    bootstrap_samples: int = option(1000, min=10, help="paired bootstrap resamples for A/B confidence intervals")
+    seed: int = option(0, min=0)

@@ -1,0 +1,113 @@
+"""`ito-mllm` command line: `ito-mllm COMMAND [SUBCOMMAND] [--config PRESET_OR_YAML] [--run-dir DIR] [KEY=VALUE ...]`.
+
+Every command resolves one RunConfig (preset or YAML, then dotted overrides), saves it
+into the run directory, and records its outputs in the run directory's manifest.json.
+Config and input errors print one line and exit 2 (config) or 1 (input), no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.io import InputError
+from pipeline.schema import ConfigError
+
+EXIT_CONFIG = 2
+EXIT_INPUT = 1
+EXIT_NOT_IMPLEMENTED = 3
+
+CONTRACT = """\
+Every command accepts --config PRESET_OR_YAML (presets: {presets}), --run-dir DIR and
+dotted KEY=VALUE overrides such as stage1.batch_size=64 or eval.tasks=pope,gqa.
+Without --config, a run directory's saved config.yaml is reused, else the `demo` preset.
+"""
+
+
+class NotImplementedYet(Exception):
+    """A command of the public skeleton whose implementation lands with a later issue."""
+
+
+def _add_common(p: argparse.ArgumentParser, run_dir_help: str = "run directory (default: runs/<config name>)") -> None:
+    p.add_argument("--config", help="preset name or YAML file (default: the run dir's config.yaml, else 'demo')")
+    p.add_argument("--run-dir", type=Path, help=run_dir_help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. stage1.epochs=2")
+
+
+def _command(sub, name: str, help: str, handler: Callable, **kw) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import commands as c
+    from pipeline.config import preset_names
+
+    parser = argparse.ArgumentParser(
+        prog="ito-mllm",
+        description="CLIP vs ITO vision towers -> LLaVA-1.5 -> lmms-eval, chained through run directories.",
+        epilog=CONTRACT.format(presets=", ".join(preset_names())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="generate datasets").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    p = _command(data, "demo", "generate the embedded demo world (shards, LLaVA JSON, eval sets)", c.data_demo)
+    p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/data)")
+    p.add_argument("--size", choices=("tiny", "demo"), help="shorthand for data.size")
+    p.add_argument("--seed", type=int, help="shorthand for data.seed")
+    _add_common(p, "record the data in this run directory's manifest")
+
+    s1 = sub.add_parser("stage1", help="dual-encoder pretraining (CLIP / ITO)").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True
+    )
+    p = _command(s1, "train", "pretrain the dual encoder; resumes from the run dir's checkpoints", c.stage1_train)
+    p.add_argument("--nproc", type=int, help="processes to launch (shorthand for stage1.nproc)")
+    _add_common(p)
+    _add_common(_command(s1, "export", "drop the fusion head; write open_clip and Hugging Face CLIP directories", c.stage1_export))
+    _add_common(_command(s1, "eval", "zero-shot, retrieval, linear probe, modality gap, UMAP", c.stage1_eval))
+
+    s2 = sub.add_parser("stage2", help="LLaVA-1.5 recipe on the frozen tower").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True
+    )
+    _add_common(_command(s2, "pretrain", "phase 1: train the projector (template plain)", c.stage2_pretrain))
+    _add_common(_command(s2, "finetune", "phase 2: visual instruction tuning (template vicuna_v1)", c.stage2_finetune))
+
+    p = _command(sub, "eval", "run lmms-eval tasks on a LLaVA directory", c.evaluate)
+    p.add_argument("--model", type=Path, help="LLaVA HF directory (default: the run's stage2_finetune output)")
+    p.add_argument("--tasks", help="shorthand for eval.tasks (comma-separated names or task sets)")
+    _add_common(p)
+    _add_common(_command(sub, "run", "data -> stage 1 -> export -> stage 2 -> eval for one arm, resumable", c.run))
+    _add_common(_command(sub, "ab", "run every arm of ab.arms and write the A/B report", c.ab))
+    _add_common(_command(sub, "demo", "the first-time user's command: the full CLIP-vs-ITO A/B on the demo world", c.demo))
+
+    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    _add_common(_command(cfg, "show", "print the resolved config as YAML", c.config_show))
+    _command(cfg, "keys", "list every config key with its type, default and help", c.config_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as e:
+        print(f"ito-mllm: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except InputError as e:
+        print(f"ito-mllm: input error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except NotImplementedYet as e:
+        print(f"ito-mllm: {e}", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    except KeyboardInterrupt:
+        print("ito-mllm: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

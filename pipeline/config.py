@@ -1,0 +1,176 @@
+"""The run config: stage configs composed into one tree, loaded from presets, YAML and overrides.
+
+Resolution order (later wins): dataclass defaults < preset chain (`base:` keys) < the
+user's YAML < `KEY=VALUE` overrides. The result is validated key by key (see
+`pipeline.schema`) and saved into the run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eval_mllm.config import EvalConfig
+from pipeline.schema import ConfigError, build, option, to_dict
+from stage1_pretrain.config import Stage1Config
+from stage2_llava.config import Stage2Config
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    size: str = option("demo", choices=("tiny", "demo"), help="demo-world size")
+    seed: int = option(0, min=0, help="demo-world seed")
+    image_size: int = option(64, min=16, max=1024, help="rendered image side in pixels")
+    root: str = option("", help="use an existing data directory instead of generating one into the run dir")
+
+
+def _default_arms() -> dict[str, dict[str, Any]]:
+    return {"clip": {"stage1.method": "clip"}, "ito": {"stage1.method": "ito"}}
+
+
+@dataclass
+class ABConfig:
+    arms: dict[str, dict[str, Any]] = field(default_factory=_default_arms)
+
+    def validate(self, prefix: str = "ab") -> None:
+        if len(self.arms) < 2:
+            raise ConfigError(f"{prefix}.arms: an A/B run needs at least 2 arms, got {len(self.arms)}")
+        for name, overrides in self.arms.items():
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ConfigError(f"{prefix}.arms.{name}: arm names may use letters, digits, '-' and '_' only")
+            for key in overrides:
+                if not key.startswith("stage1."):
+                    raise ConfigError(
+                        f"{prefix}.arms.{name}.{key}: arms may only differ in stage1.* keys "
+                        "(everything else is shared so the comparison is fair)"
+                    )
+
+
+@dataclass
+class RunConfig:
+    name: str = option("run", help="a label for the run")
+    preset: str = option("", help="the preset this config was resolved from (informational)")
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ab: ABConfig = field(default_factory=ABConfig)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        line = str(e).replace("\n", " ")
+        raise ConfigError(f"{path}: not valid YAML ({line})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arms":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_layer(ref: str, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """Load a preset name or YAML path, following its `base:` chain."""
+    path = Path(ref)
+    if ref in preset_names():
+        path = PRESET_DIR / f"{ref}.yaml"
+    elif not path.is_file():
+        raise ConfigError(f"--config: {ref!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file")
+    if str(path.resolve()) in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    preset = ref if ref in preset_names() else ""
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base: expected a preset name or YAML path, got {base!r}")
+        if not Path(base).is_absolute() and base not in preset_names():
+            base = str(path.parent / base)
+        parent, parent_preset = _load_layer(base, (*seen, str(path.resolve())))
+        data = deep_merge(parent, data)
+        preset = preset or parent_preset
+    return data, preset
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"{item}: expected KEY=VALUE (for example stage1.batch_size=64)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{item}: expected a dotted key such as stage1.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section; cannot set {'.'.join(parts)}")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Resolve a preset or YAML file plus dotted overrides into a validated RunConfig."""
+    data, preset = _load_layer(config or "demo")
+    data = apply_overrides(data, list(overrides))
+    data.setdefault("preset", preset)
+    return build(RunConfig, data)
+
+
+def from_dict(data: dict) -> RunConfig:
+    return build(RunConfig, data)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config (sub)tree, used to invalidate stages whose config changed."""
+    blob = json.dumps(to_dict(section), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def arm_config(cfg: RunConfig, arm: str) -> RunConfig:
+    """The run config of one A/B arm: the shared config plus the arm's stage-1 overrides."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.ab.arms[arm].items()]
+    data = apply_overrides(to_dict(cfg), overrides)
+    data["name"] = f"{cfg.name}-{arm}"
+    return build(RunConfig, data)

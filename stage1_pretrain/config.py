@@ -1,0 +1,58 @@
+"""Stage-1 (dual-encoder pretraining) configuration: one dataclass, validated by pipeline.schema.
+
+Fields left as `None` take the method's default from the method registry (for example
+`ito` uses 2 image views, 1 text view, fusion weight 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.schema import ConfigError, option
+
+
+@dataclass
+class Stage1Config:
+    method: str = option("clip", help="stage-1 method from the registry: clip, ito, ito_sub2, ...")
+    model: str = option("ito-tiny", help="open_clip architecture name (ViT-B-16, ViT-L-16, ito-tiny, ito-demo)")
+    train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar) or CSV; empty: the run's demo data")
+    eval_data: str = option("", help="JSONL of {image, caption, label?} records; empty: the run's demo eval split")
+    epochs: int = option(1, min=1, help="passes over the training data")
+    samples_per_epoch: int | None = option(None, min=1, help="samples per epoch; required with resampled shards")
+    resample_shards: bool = option(False, help="sample shards with replacement (infinite stream, as open_clip --dataset-resampled)")
+    batch_size: int = option(64, min=1, help="global batch (all processes, after accumulation)")
+    accum_steps: int = option(1, min=1, help="gradient accumulation steps")
+    lr: float = option(5e-4, min=0.0, help="peak learning rate")
+    weight_decay: float = option(0.1, min=0.0)
+    beta1: float = option(0.9, min=0.0, max=1.0)
+    beta2: float = option(0.98, min=0.0, max=1.0)
+    eps: float = option(1e-6, min=0.0)
+    warmup_steps: int = option(500, min=0, help="linear warm-up steps, then cosine decay")
+    image_views: int | None = option(None, min=1, max=8, help="image views V (None: method default)")
+    text_views: int | None = option(None, min=1, max=8, help="text views W (None: method default)")
+    fusion_lambda: float | None = option(None, min=0.0, help="fusion loss weight lambda (None: method default; 0: multiple alignment only)")
+    fusion_depth: int = option(2, min=1, max=12, help="fusion transformer blocks")
+    fusion_width: int | None = option(None, min=8, help="fusion width (None: the text tower width)")
+    fusion_heads: int = option(8, min=1)
+    image_crop_scale_min: float = option(0.5, min=0.01, max=1.0, help="RandomResizedCrop lower scale for ITO views")
+    precision: str = option("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
+    grad_checkpointing: bool = option(False)
+    nproc: int = option(1, min=1, help="processes launched by `stage1 train` (gloo on CPU, NCCL on GPU)")
+    workers: int = option(0, min=0, help="data-loader workers per process")
+    seed: int = option(0, min=0)
+    deterministic: bool = option(True, help="deterministic kernels (CPU: bitwise-reproducible resume)")
+    max_bad_fraction: float = option(0.01, min=0.0, max=1.0, help="stop when more than this fraction of samples is unreadable")
+    checkpoint_every_steps: int = option(50, min=1)
+    keep_checkpoints: int = option(2, min=1, help="checkpoints kept on disk (older ones rotate out)")
+    log_every_steps: int = option(10, min=1)
+    zero_shot_every_epoch: bool = option(True, help="zero-shot accuracy on eval_data at each epoch end")
+    eval_batch_size: int = option(256, min=1)
+
+    def validate(self, prefix: str = "stage1") -> None:
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps={self.accum_steps}")
+        if self.batch_size % (self.accum_steps * self.nproc):
+            raise ConfigError(
+                f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps*nproc="
+                f"{self.accum_steps * self.nproc}"
+            )

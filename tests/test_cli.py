@@ -1,0 +1,91 @@
+"""The `ito-mllm` contract: help on every subcommand, one-line errors with exit 2, run-dir bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.cli import EXIT_CONFIG, main
+from pipeline.io import InputError
+from pipeline.rundir import RunDir
+
+SUBCOMMANDS = [
+    ["data", "demo"], ["stage1", "train"], ["stage1", "export"], ["stage1", "eval"],
+    ["stage2", "pretrain"], ["stage2", "finetune"], ["eval"], ["run"], ["ab"], ["demo"],
+    ["config", "show"], ["config", "keys"],
+]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=lambda c: " ".join(c))
+def test_help_on_every_subcommand(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: ito-mllm" in out and len(out.splitlines()) > 3
+    if cmd[0] not in ("config",) or cmd[1] == "show":
+        assert "--config" in out and "--run-dir" in out and "KEY=VALUE" in out
+
+
+def test_unknown_key_is_one_line_exit_2_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "data", "demo", "--out", str(tmp_path / "d"), "nonsense.key=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == EXIT_CONFIG
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "nonsense.key" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "d").exists()  # nothing written for a rejected config
+
+
+def test_bad_values_exit_2(tmp_path, capsys):
+    assert main(["config", "show", "stage1.epochs=zero"]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stage1.epochs" in err
+    assert main(["config", "show", "--config", str(tmp_path / "nope.yaml")]) == EXIT_CONFIG
+
+
+def test_config_saved_and_reused_from_run_dir(tmp_path, capsys):
+    rd = tmp_path / "run"
+    # A skeleton command still resolves and saves the config before reporting it is not available yet.
+    code = main(["stage2", "pretrain", "--config", "tiny", "--run-dir", str(rd), "stage1.epochs=3"])
+    saved = yaml.safe_load((rd / "config.yaml").read_text())
+    assert saved["stage1"]["epochs"] == 3 and saved["preset"] == "tiny"
+    assert code in (0, 3)
+    capsys.readouterr()
+    # Without --config the run dir's config is the base; overrides still apply on top.
+    assert main(["config", "show", "--run-dir", str(rd), "stage1.lr=0.5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["stage1"]["epochs"] == 3 and shown["stage1"]["lr"] == 0.5
+
+
+def test_manifest_contract(tmp_path):
+    rd = RunDir(tmp_path / "r").create()
+    rd.mark_running("stage1", "abc", {"train_data": "x"})
+    assert rd.stage("stage1")["status"] == "running"
+    assert rd.output("stage1", "checkpoint_dir") is None
+    (rd.path / "stage1" / "ckpt").mkdir(parents=True)
+    rd.mark_done("stage1", {"checkpoint_dir": rd.path / "stage1" / "ckpt"})
+    m = json.loads(rd.manifest_path.read_text())
+    assert m["stages"]["stage1"]["outputs"] == {"checkpoint_dir": "stage1/ckpt"}
+    assert m["stages"]["stage1"]["config_hash"] == "abc"
+    assert rd.output("stage1", "checkpoint_dir") == rd.path / "stage1" / "ckpt"
+    with pytest.raises(InputError, match="stage 'eval' has no finished output 'results_json'"):
+        rd.require_output("eval", "results_json")
+    rd.mark_failed("stage1", "boom")
+    assert rd.stage("stage1")["status"] == "failed" and rd.output("stage1", "checkpoint_dir") is None
+    with pytest.raises(ValueError):
+        rd.mark_running("not_a_stage", "x")
+
+
+def test_corrupt_manifest_is_one_line_input_error(tmp_path):
+    rd = RunDir(tmp_path).create()
+    rd.manifest_path.write_text("{not json")
+    with pytest.raises(InputError) as e:
+        rd.manifest()
+    assert "manifest.json" in str(e.value) and "\n" not in str(e.value)
