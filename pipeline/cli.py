@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.io import InputError
+from pipeline.io import InputError, RunStopped
 from pipeline.schema import ConfigError
 
 EXIT_CONFIG = 2
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except InputError as e:
         print(f"ito-mllm: input error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except RunStopped as e:
+        print(f"ito-mllm: stopped: {e}", file=sys.stderr)
         return EXIT_INPUT
     except NotImplementedYet as e:
         print(f"ito-mllm: {e}", file=sys.stderr)

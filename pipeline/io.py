@@ -19,6 +19,10 @@ class InputError(ValueError):
     """Bad user input (file, record or field); the CLI prints it as one line and exits 2."""
 
 
+class RunStopped(RuntimeError):
+    """A long run stopped on purpose (non-finite loss, too many bad samples); the CLI prints one line."""
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -68,6 +68,12 @@ class RunDir:
         rel = {k: self.relative(v) for k, v in outputs.items()}
         return self._update(name, status="done", outputs=rel, **extra)
 
+    def add_outputs(self, name: str, outputs: dict[str, str | Path], **extra: Any) -> dict:
+        """Merge outputs into a stage entry (stage 1's train, export and eval each add theirs)."""
+        merged = dict(self.stage(name).get("outputs", {}))
+        merged.update({k: self.relative(v) for k, v in outputs.items()})
+        return self._update(name, status="done", outputs=merged, **extra)
+
     def mark_failed(self, name: str, error: str) -> dict:
         return self._update(name, status="failed", error=error)
 

@@ -1,0 +1,128 @@
+"""Image decoding and reproducible image views for stage 1.
+
+Two view transforms, both built by open_clip's own `image_transform(is_train=True)`:
+- "clip": open_clip's default train transform (RandomResizedCrop scale (0.9, 1), bicubic).
+- "ito": the SLIP/MoCo-v3 views of the ITO paper (Table 7): RandomResizedCrop(scale
+  (scale_min, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale p=0.2,
+  through open_clip's `color_jitter_prob` / `gray_scale_prob` augmentation options.
+Those transforms draw from torch's and Python's global RNGs; `MultiView` forks both and
+seeds them per sample, so a sample's views depend only on the seed it is given (and
+a resumed run sees the same views), never on what ran before in the process.
+
+Decoding (`load_rgb`) converts every mode to 8-bit RGB: transparency is composited over
+white (as img2dataset and transformers' `convert_to_rgb` do, instead of PIL's alpha drop
+that turns transparent pixels black), 16-bit and 32-bit grey images are rescaled to 8 bits
+(PIL's own conversion clips them to 255), images above MAX_PIXELS are refused before their
+pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_PIXELS = 8192 * 8192
+VIEW_KINDS = ("clip", "open_clip", "ito")  # "open_clip" is an alias of "clip" (methods.py spelling)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image (message says why, in a few words)."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB (see the module docstring for the choices)."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0
+        else:
+            hi = float(arr.max()) if arr.size else 0.0
+            if hi > 255.0:  # a 16-bit (or wider) range stored in a 32-bit mode
+                arr = arr * (255.0 / max(hi, 65535.0))
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; ImageDecodeError says why when it cannot."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size is checked below
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageDecodeError(f"image too large: {w}x{h} pixels, more than {max_pixels}")
+        if w < 1 or h < 1:
+            raise ImageDecodeError(f"empty image: {w}x{h}")
+        img.load()
+        return to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image too large ({e})") from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise ImageDecodeError(f"not a readable image: {type(e).__name__}: {str(e)[:120]}") from None
+
+
+def make_view_transform(kind: str, image_size, mean, std, scale_min: float = 0.5):
+    """PIL RGB image -> normalised float tensor [3, H, W] with random augmentation."""
+    from open_clip.transform import AugmentationCfg, image_transform
+
+    if kind in ("clip", "open_clip"):
+        aug = AugmentationCfg()
+    elif kind == "ito":
+        if not 0.0 < scale_min <= 1.0:
+            raise ValueError(f"scale_min must be in (0, 1], got {scale_min}")
+        aug = AugmentationCfg(
+            scale=(scale_min, 1.0),
+            color_jitter=(0.4, 0.4, 0.4, 0.1),
+            color_jitter_prob=0.8,
+            gray_scale_prob=0.2,
+        )
+    else:
+        raise ValueError(f"view kind must be one of {VIEW_KINDS}, got {kind!r}")
+    with warnings.catch_warnings():
+        # open_clip 3.3 warns "Unused augmentation cfg items" for the jitter/grey options its
+        # non-timm branch does use (it reads them from the cfg, not from the dict it checks)
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        return image_transform(image_size, is_train=True, mean=tuple(mean), std=tuple(std), aug_cfg=aug)
+
+
+class MultiView:
+    """V independent views of one image, reproducible from a per-sample seed.
+
+    `views(img, seed)` -> float tensor [V, 3, H, W]. The global torch and Python RNG states
+    of the caller are left untouched.
+    """
+
+    def __init__(self, transform, V: int):
+        if V < 1:
+            raise ValueError(f"V must be >= 1, got {V}")
+        self.transform, self.V = transform, V
+
+    def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                views = [self.transform(img) for _ in range(self.V)]
+        finally:
+            random.setstate(py_state)
+        return torch.stack(views)
+
+    def __repr__(self) -> str:
+        return f"MultiView(V={self.V}, transform={self.transform!r})"
