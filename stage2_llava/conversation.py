@@ -31,9 +31,11 @@ from dataclasses import dataclass
 DEFAULT_IMAGE_TOKEN = "<image>"
 HUMAN, GPT = "human", "gpt"
 
+# LLaVA-1.5 trains and evaluates with `conv_vicuna_v1`, whose system prompt says "user";
+# SPEC.md's "human" wording is Vicuna v0's (`conv_vicuna_v0`), so the code follows LLaVA.
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 

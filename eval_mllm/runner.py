@@ -1,0 +1,237 @@
+"""Run lmms-eval on a stage-2 LLaVA directory and write results.json plus per-sample logs.
+
+The model goes through lmms-eval's own `llava_hf` adapter (in 0.7.3 the name resolves to
+its chat variant, `lmms_eval.models.chat.llava_hf.LlavaHf`): it renders each request with the
+processor's chat template (stage 2 saves LLaVA's vicuna_v1 one), so the prompt is
+"<system> USER: <image>\\n<question> ASSISTANT:" with no adapter of ours in between. Its
+limits: batch size 1, and `until` stop strings are ignored (generation stops at EOS or
+max_new_tokens), which changes nothing for greedy single-answer benchmarks.
+
+Tasks that cannot run here (judge without OPENAI_API_KEY, dataset not in the offline HF
+cache, demo parquet missing) are skipped before the model loads and listed with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline.io import InputError, atomic_write_json, atomic_write_text
+
+from . import task_sets
+from .bootstrap import TaskStatistic, json_finite
+from .task_sets import LOCAL_TASKS, check_task_available, expand_tasks, info, lmms_task_name, materialise_tasks
+
+LMMS_MODEL = "llava_hf"
+
+
+def force_offline() -> None:
+    """No hub access on these machines: make `datasets` and `huggingface_hub` fail fast instead of retrying."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    # Both libraries read the variables at import; patch the constants if they were imported first.
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+    try:
+        import datasets.config as ds_config
+
+        ds_config.HF_HUB_OFFLINE = True
+        if hasattr(ds_config, "HF_DATASETS_OFFLINE"):
+            ds_config.HF_DATASETS_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def prompt_example(model_dir: Path) -> str:
+    """What llava_hf will feed the model for one image and the text "QUESTION" (processor chat template)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    if not getattr(processor, "chat_template", None):
+        raise InputError(f"{model_dir}: the processor has no chat template (stage 2 must save LLaVA's vicuna_v1 one)")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "QUESTION"}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir}: not a Hugging Face model directory (config.json missing)")
+    if "," in str(model_dir) or "=" in str(model_dir):
+        raise InputError(f"{model_dir}: lmms-eval model_args cannot carry a path containing ',' or '='")
+
+
+def _json_safe(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _metrics_of(task_results: dict) -> dict:
+    """lmms-eval's 'metric,filter' keys to {metric: value}, without stderr entries."""
+    out = {}
+    for key, value in task_results.items():
+        metric, _, _ = key.partition(",")
+        if key == "alias" or "_stderr" in metric or not isinstance(value, (int, float)):
+            continue
+        out[metric] = float(value)
+    return out
+
+
+def _sample_record(sample: dict, metric_names: list[str]) -> dict:
+    resp = sample.get("filtered_resps") or sample.get("resps") or [""]
+    while isinstance(resp, list) and resp:
+        resp = resp[0]
+    rec = {
+        "doc_id": sample["doc_id"],
+        "target": sample.get("target"),
+        "response": resp if isinstance(resp, str) else str(resp),
+        "metrics": {m: sample[m] for m in metric_names if m in sample},
+        "doc": sample.get("doc"),
+    }
+    return _json_safe(rec)
+
+
+def _task_entry(task: str, lmms_name: str, results: dict, records: list[dict]) -> dict:
+    meta = info(task)
+    known = task in task_sets.TASK_INFO
+    metrics = _metrics_of(results["results"].get(lmms_name, {}))
+    metric = meta.metric or next(iter(metrics), "")
+    value = metrics.get(metric)
+    entry = {
+        "lmms_eval_task": lmms_name,
+        "column": meta.column,
+        "metric": metric,
+        "value": value,
+        "value_pct": None if value is None else value * meta.scale,
+        "scale": meta.scale,
+        # A task we have no TASK_INFO entry for reports lmms-eval's number but gets no bootstrap:
+        # how its metric aggregates per-sample values is unknown here.
+        "statistic": meta.statistic if known else None,
+        "aggregation": meta.aggregation,
+        "metrics": metrics,
+        "n_samples": len(records),
+        "n_docs": results.get("n-samples", {}).get(lmms_name, {}).get("original"),
+        "judge": meta.judge,
+        "submission_only": meta.submission_only,
+        "samples": f"samples/{task}.jsonl",
+    }
+    if meta.submission_only:
+        entry["value_pct"] = None
+    elif known and value is not None and records and metric in records[0]["metrics"]:
+        # The report bootstraps this recomputation; record that it reproduces lmms-eval's number.
+        stat = TaskStatistic(records, metric, meta.statistic, meta.aggregation, meta.scale, where=f"{task} samples")
+        entry["recomputed_pct"] = stat()
+    return entry
+
+
+def run_lmms_eval(
+    model_dir,
+    tasks: list[str],
+    out_dir,
+    *,
+    data_root=None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    max_new_tokens: int | None = 16,
+    seed: int = 0,
+) -> dict:
+    """Evaluate `model_dir` (a LlavaForConditionalGeneration dir) on `tasks` (names or sets).
+
+    Writes out_dir/results.json, out_dir/samples/TASK.jsonl, the materialised local task
+    YAMLs in out_dir/tasks/ and lmms-eval's submission files in out_dir/lmms_eval/.
+    max_new_tokens None keeps each task's own generation length.
+    """
+    force_offline()
+    model_dir = Path(model_dir).resolve()
+    out_dir = Path(out_dir)
+    _check_model_dir(model_dir)
+    if batch_size != 1:
+        raise InputError(f"eval.batch_size: lmms-eval's llava_hf generates one request at a time (got {batch_size})")
+    requested = expand_tasks(tasks)
+    started = time.time()
+
+    skipped: dict[str, str] = {}
+    local_ok = []
+    for task in requested:
+        if lmms_task_name(task) in LOCAL_TASKS:
+            reason = check_task_available(task, data_root)
+            if reason:
+                skipped[task] = reason
+            else:
+                local_ok.append(lmms_task_name(task))
+    include = materialise_tasks(local_ok, out_dir / "tasks", data_root)
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    needs_defaults = any(lmms_task_name(t) not in LOCAL_TASKS for t in requested)
+    manager = TaskManager(include_path=str(include), include_defaults=needs_defaults)
+    unknown = [t for t in requested if t not in skipped and lmms_task_name(t) not in manager.all_tasks]
+    if unknown:
+        raise InputError(f"eval.tasks: not lmms-eval tasks or task sets: {', '.join(unknown)} "
+                         f"(sets: {', '.join(task_sets.TASK_SETS)})")
+    for task in requested:
+        if task not in skipped and lmms_task_name(task) not in LOCAL_TASKS:
+            reason = check_task_available(task, data_root, manager)
+            if reason:
+                skipped[task] = reason
+    runnable = [t for t in requested if t not in skipped]
+
+    summary = {
+        "lmms_eval_version": _lmms_version(),
+        "model": LMMS_MODEL,
+        "model_dir": str(model_dir),
+        "prompt_example": prompt_example(model_dir),
+        "tasks_requested": requested,
+        "tasks_run": runnable,
+        "skipped": skipped,
+        "limit": limit,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "data_root": None if data_root is None else str(Path(data_root).resolve()),
+        "tasks": {},
+    }
+    if runnable:
+        gen = "temperature=0" if max_new_tokens is None else f"max_new_tokens={max_new_tokens},temperature=0"
+        model_args = f"pretrained={model_dir},device={device},device_map={device},dtype=float32"
+        results = simple_evaluate(
+            model=LMMS_MODEL,
+            model_args=model_args,
+            tasks=[lmms_task_name(t) for t in runnable],
+            task_manager=manager,
+            batch_size=batch_size,
+            limit=limit,
+            log_samples=True,
+            gen_kwargs=gen,
+            bootstrap_iters=0,  # our paired bootstrap replaces lmms-eval's per-arm stderr
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            cli_args=argparse.Namespace(output_path=str(out_dir / "lmms_eval"), process_with_media=False),
+        )
+        summary["model_args"] = model_args
+        summary["gen_kwargs"] = gen
+        for task in runnable:
+            name = lmms_task_name(task)
+            metric_names = list(_metrics_of(results["results"].get(name, {})))
+            records = [_sample_record(s, metric_names) for s in results.get("samples", {}).get(name, [])]
+            text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+            atomic_write_text(out_dir / "samples" / f"{task}.jsonl", text)
+            summary["tasks"][task] = _task_entry(task, name, results, records)
+    summary["seconds"] = round(time.time() - started, 3)
+    atomic_write_json(out_dir / "results.json", json_finite(summary))
+    return summary
+
+
+def _lmms_version() -> str:
+    from importlib.metadata import version
+
+    return version("lmms_eval")
+

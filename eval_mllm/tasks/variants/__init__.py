@@ -1,0 +1,1 @@
+"""Rule-scored variants of lmms-eval tasks whose default scoring needs an LLM judge."""
