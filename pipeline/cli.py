@@ -17,17 +17,12 @@ from pipeline.schema import ConfigError
 
 EXIT_CONFIG = 2
 EXIT_INPUT = 1
-EXIT_NOT_IMPLEMENTED = 3
 
 CONTRACT = """\
 Every command accepts --config PRESET_OR_YAML (presets: {presets}), --run-dir DIR and
 dotted KEY=VALUE overrides such as stage1.batch_size=64 or eval.tasks=pope,gqa.
 Without --config, a run directory's saved config.yaml is reused, else the `demo` preset.
 """
-
-
-class NotImplementedYet(Exception):
-    """A command of the public skeleton whose implementation lands with a later issue."""
 
 
 def _add_common(p: argparse.ArgumentParser, run_dir_help: str = "run directory (default: runs/<config name>)") -> None:
@@ -104,9 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"ito-mllm: stopped: {e}", file=sys.stderr)
         return EXIT_INPUT
-    except NotImplementedYet as e:
-        print(f"ito-mllm: {e}", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     except KeyboardInterrupt:
         print("ito-mllm: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import chain
 from pipeline.config import RunConfig, config_hash, dump_yaml, load_config
-from pipeline.io import InputError
 from pipeline.rundir import RunDir
 from pipeline.schema import ConfigError, describe
 
@@ -29,12 +29,6 @@ def resolve(args, extra: list[str] | None = None, save: bool = True) -> tuple[Ru
         if save:
             rd.save_config(dump_yaml(cfg))
     return cfg, rd
-
-
-def _not_yet(what: str, issue: int):
-    from pipeline.cli import NotImplementedYet
-
-    raise NotImplementedYet(f"{what}: not implemented yet (lands with issue #{issue})")
 
 
 def data_demo(args) -> int:
@@ -61,111 +55,88 @@ def data_demo(args) -> int:
     return 0
 
 
-def ensure_data(cfg: RunConfig, rd: RunDir) -> tuple[Path, dict]:
-    """The demo-world root and its manifest: `data.root`, the run's data stage, or a new generation."""
-    from pipeline import world
-    from pipeline.io import read_json
-
-    if cfg.data.root:
-        root = Path(cfg.data.root)
-    else:
-        root = rd.output("data", "root")
-        if root is None or not (root / "manifest.json").is_file():
-            root = rd.path / "data"
-            rd.mark_running("data", config_hash(cfg.data), {"size": cfg.data.size, "seed": cfg.data.seed})
-            world.generate(root, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
-            rd.mark_done("data", {"root": root})
-    manifest = root / "manifest.json"
-    if not manifest.is_file():
-        raise InputError(f"{manifest}: data root has no manifest.json (data.root={cfg.data.root!r})")
-    return root, read_json(manifest)
-
-
-def stage1_sources(cfg: RunConfig, rd: RunDir) -> tuple[str, str]:
-    """(train_data, eval_data) for stage 1: the config's, else the demo world's."""
-    train, evald = cfg.stage1.train_data, cfg.stage1.eval_data
-    if not train or not evald:
-        root, manifest = ensure_data(cfg, rd)
-        paths = manifest["paths"]
-        train = train or str(root / paths["stage1_shards"])
-        evald = evald or str(root / paths["stage1_eval"])
-    return train, evald
-
-
-def _stage1_dirs(rd: RunDir) -> dict[str, Path]:
-    base = rd.path / "stage1"
-    return {"train": base / "train", "open_clip": base / "open_clip", "hf_clip": base / "hf_clip", "eval": base / "eval"}
-
-
 def stage1_train(args) -> int:
-    from pipeline import launch
-    from stage1_pretrain.train import train
-
     extra = [f"stage1.nproc={args.nproc}"] if args.nproc else []
     cfg, rd = resolve(args, extra)
-    train_data, eval_data = stage1_sources(cfg, rd)
-    dirs = _stage1_dirs(rd)
-    rd.mark_running("stage1", config_hash(cfg.stage1), {"train_data": train_data, "eval_data": eval_data})
     t0 = time.perf_counter()
-    summary = launch.run(train, (cfg.stage1, train_data, eval_data, dirs["train"]), cfg.stage1.nproc)
-    dt = time.perf_counter() - t0
-    rd.add_outputs("stage1", {"checkpoint_dir": dirs["train"] / "checkpoints"}, train_seconds=round(dt, 1))
-    print(f"stage1 {cfg.stage1.method}: {summary['steps']} steps in {dt:.0f}s -> {dirs['train']}")
+    rd.mark_running("stage1", config_hash(cfg.stage1))
+    outs = chain.run_stage1_train(cfg, rd)
+    rd.add_outputs("stage1", outs, train_seconds=round(time.perf_counter() - t0, 1))
     return 0
 
 
 def stage1_export(args) -> int:
-    from stage1_pretrain import stage
-
     cfg, rd = resolve(args)
-    dirs = _stage1_dirs(rd)
-    outs = stage.export(cfg.stage1, dirs["train"], dirs["open_clip"], dirs["hf_clip"])
+    outs = chain.run_stage1_export(cfg, rd)
     rd.add_outputs("stage1", outs)
     print(f"exported: open_clip -> {outs['open_clip_dir']}, Hugging Face CLIP -> {outs['hf_clip_dir']}")
     return 0
 
 
 def stage1_eval(args) -> int:
-    from stage1_pretrain import stage
-
     cfg, rd = resolve(args)
-    _, eval_data = stage1_sources(cfg, rd)
-    dirs = _stage1_dirs(rd)
-    open_clip_dir = rd.require_output("stage1", "open_clip_dir")
-    outs = stage.evaluate(cfg.stage1, open_clip_dir, eval_data, dirs["eval"])
-    rd.add_outputs("stage1", {"metrics_json": outs["metrics_json"], "umap_png": outs["umap_png"]})
-    print(Path(outs["metrics_md"]).read_text())
+    outs = chain.run_stage1_eval(cfg, rd, rd.require_output("stage1", "open_clip_dir"))
+    rd.add_outputs("stage1", outs)
+    print(Path(outs["metrics_json"]).with_suffix(".md").read_text())
     return 0
 
 
 def stage2_pretrain(args) -> int:
-    resolve(args)
-    _not_yet("stage2 pretrain", 4)
+    cfg, rd = resolve(args)
+    chain.run_step(cfg, rd, "stage2_pretrain", force=True)
+    print(f"stage2 pretrain -> {rd.require_output('stage2_pretrain', 'hf_dir')}")
+    return 0
 
 
 def stage2_finetune(args) -> int:
-    resolve(args)
-    _not_yet("stage2 finetune", 4)
+    cfg, rd = resolve(args)
+    chain.run_step(cfg, rd, "stage2_finetune", force=True)
+    print(f"stage2 finetune -> {rd.require_output('stage2_finetune', 'hf_dir')}")
+    return 0
 
 
 def evaluate(args) -> int:
-    resolve(args, [f"eval.tasks={args.tasks}"] if args.tasks else [])
-    _not_yet("eval", 5)
+    cfg, rd = resolve(args, [f"eval.tasks={args.tasks}"] if args.tasks else [])
+    chain.run_step(cfg, rd, "eval", force=True, model_dir=args.model)
+    _print_results(rd.require_output("eval", "results_json"))
+    return 0
+
+
+def _print_results(path: Path) -> None:
+    from pipeline.io import read_json
+
+    res = read_json(path)
+    for task, entry in res.get("tasks", {}).items():
+        print(f"{task:24s} {entry.get('metric', ''):18s} {entry.get('value_pct')}  (n={entry.get('n')})")
+    for task, why in res.get("skipped", {}).items():
+        print(f"{task:24s} skipped: {why}")
 
 
 def run(args) -> int:
-    resolve(args)
-    _not_yet("run", 5)
+    cfg, rd = resolve(args)
+    done = chain.run_chain(cfg, rd)
+    print(f"run {rd.path}: " + ", ".join(f"{k} {v}" for k, v in done.items()))
+    _print_results(rd.require_output("eval", "results_json"))
+    return 0
 
 
 def ab(args) -> int:
-    resolve(args)
-    _not_yet("ab", 5)
+    cfg, rd = resolve(args)
+    t0 = time.perf_counter()
+    chain.run_ab(cfg, rd)
+    md = rd.require_output("report", "markdown")
+    print(md.read_text())
+    print(f"A/B report: {md} ({time.perf_counter() - t0:.0f}s)")
+    return 0
 
 
 def demo(args) -> int:
-    resolve(args)
-    _not_yet("demo (the full A/B; for now run `ito-mllm data demo --out DIR`)", 5)
+    """The first-time user's command: `ab` with the demo preset into runs/demo."""
+    if args.config is None and args.run_dir is None:
+        args.config = "demo"
+    if args.run_dir is None:
+        args.run_dir = Path("runs") / "demo"
+    return ab(args)
 
 
 def config_show(args) -> int:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.cli import EXIT_CONFIG, main
+from pipeline.cli import EXIT_CONFIG, EXIT_INPUT, main
 from pipeline.io import InputError
 from pipeline.rundir import RunDir
 
@@ -52,12 +52,13 @@ def test_bad_values_exit_2(tmp_path, capsys):
 
 def test_config_saved_and_reused_from_run_dir(tmp_path, capsys):
     rd = tmp_path / "run"
-    # A skeleton command still resolves and saves the config before reporting it is not available yet.
+    # Stage 2 without a stage-1 tower fails with one line naming what is missing, after saving the config.
     code = main(["stage2", "pretrain", "--config", "tiny", "--run-dir", str(rd), "stage1.epochs=3"])
     saved = yaml.safe_load((rd / "config.yaml").read_text())
     assert saved["stage1"]["epochs"] == 3 and saved["preset"] == "tiny"
-    assert code in (0, 3)
-    capsys.readouterr()
+    assert code == EXIT_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "no finished output 'hf_clip_dir'" in err and "\n" not in err
     # Without --config the run dir's config is the base; overrides still apply on top.
     assert main(["config", "show", "--run-dir", str(rd), "stage1.lr=0.5"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)

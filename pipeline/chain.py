@@ -1,0 +1,253 @@
+"""The chain: data -> stage 1 (train, export, eval) -> stage 2 (pretrain, finetune) -> eval, and A/B runs.
+
+Each step has a key: the hash of its own config section plus its upstream step's key, so a
+change anywhere reruns that step and everything after it. A rerun of the chain skips steps
+that are `done` with the same key and outputs on disk, resumes a step left `running` (the
+stages resume from their own checkpoints), and wipes a step's directory when its key changed.
+Stages are called through Python APIs; multi-process stages start through `pipeline.launch`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig, arm_config, config_hash, dump_yaml
+from pipeline.io import InputError, read_json
+from pipeline.rundir import RunDir
+from pipeline.schema import to_dict
+
+
+def log(msg: str) -> None:
+    print(f"[ito-mllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def ensure_data(cfg: RunConfig, rd: RunDir) -> tuple[Path, dict]:
+    """The demo-world root and its manifest: `data.root`, the run's data stage, or a new generation."""
+    from pipeline import world
+
+    if cfg.data.root:
+        root = Path(cfg.data.root)
+    else:
+        root = rd.output("data", "root")
+        if root is None or not (root / "manifest.json").is_file():
+            root = rd.path / "data"
+            rd.mark_running("data", config_hash(cfg.data), {"size": cfg.data.size, "seed": cfg.data.seed})
+            world.generate(root, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
+            rd.mark_done("data", {"root": root})
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        raise InputError(f"{manifest}: data root has no manifest.json (data.root={cfg.data.root!r})")
+    return root, read_json(manifest)
+
+
+def stage1_sources(cfg: RunConfig, rd: RunDir) -> tuple[str, str]:
+    """(train_data, eval_data) for stage 1: the config's, else the demo world's."""
+    train, evald = cfg.stage1.train_data, cfg.stage1.eval_data
+    if not train or not evald:
+        root, manifest = ensure_data(cfg, rd)
+        paths = manifest["paths"]
+        train = train or str(root / paths["stage1_shards"])
+        evald = evald or str(root / paths["stage1_eval"])
+    return train, evald
+
+
+def stage1_dirs(rd: RunDir) -> dict[str, Path]:
+    base = rd.path / "stage1"
+    return {"train": base / "train", "open_clip": base / "open_clip", "hf_clip": base / "hf_clip", "eval": base / "eval"}
+
+
+def run_stage1_train(cfg: RunConfig, rd: RunDir) -> dict[str, Path]:
+    from pipeline import launch
+    from stage1_pretrain.train import train
+
+    train_data, eval_data = stage1_sources(cfg, rd)
+    d = stage1_dirs(rd)
+    summary = launch.run(train, (cfg.stage1, train_data, eval_data, d["train"]), cfg.stage1.nproc)
+    log(f"stage1 {cfg.stage1.method}: {summary['steps']} steps, {summary['data_counters']['bad']} bad samples")
+    return {"checkpoint_dir": d["train"] / "checkpoints", "train_log": d["train"] / "logs" / "metrics.jsonl"}
+
+
+def run_stage1_export(cfg: RunConfig, rd: RunDir) -> dict[str, Path]:
+    from stage1_pretrain import stage
+
+    d = stage1_dirs(rd)
+    return stage.export(cfg.stage1, d["train"], d["open_clip"], d["hf_clip"])
+
+
+def run_stage1_eval(cfg: RunConfig, rd: RunDir, open_clip_dir: Path) -> dict[str, Path]:
+    from stage1_pretrain import stage
+
+    _, eval_data = stage1_sources(cfg, rd)
+    outs = stage.evaluate(cfg.stage1, open_clip_dir, eval_data, stage1_dirs(rd)["eval"])
+    return {"metrics_json": outs["metrics_json"], "umap_png": outs["umap_png"]}
+
+
+def _stage1(cfg: RunConfig, rd: RunDir) -> dict[str, Path]:
+    outs = run_stage1_train(cfg, rd)
+    outs.update(run_stage1_export(cfg, rd))
+    outs.update(run_stage1_eval(cfg, rd, outs["open_clip_dir"]))
+    return outs
+
+
+def stage2_sources(cfg: RunConfig, rd: RunDir, phase: str) -> tuple[str, str]:
+    """(LLaVA JSON, image folder) of a phase: the config's, else the demo world's."""
+    pc = getattr(cfg.stage2, phase)
+    if pc.data:
+        return pc.data, pc.image_folder
+    root, manifest = ensure_data(cfg, rd)
+    paths = manifest["paths"]
+    return str(root / paths[f"stage2_{phase}"]), str(root / paths["stage2_images"])
+
+
+def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path | None = None) -> dict[str, Path]:
+    from pipeline import launch
+    from stage2_llava.train import run_phase
+
+    data_json, image_folder = stage2_sources(cfg, rd, phase)
+    tower = cfg.stage2.vision_tower or str(rd.require_output("stage1", "hf_clip_dir"))
+    init = str(rd.require_output("stage2_pretrain", "hf_dir")) if phase == "finetune" else None
+    out_dir = rd.path / f"stage2_{phase}"
+    cache = shared_cache or rd.path / "cache"
+    summary = launch.run(
+        run_phase, (phase, cfg.stage2, tower, init, data_json, image_folder, out_dir, cache, _demo_texts(cfg, rd)),
+        cfg.stage2.nproc,
+    )
+    log(f"stage2 {phase}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s")
+    return {"hf_dir": out_dir / "hf", "train_log": out_dir / "logs" / "metrics.jsonl"}
+
+
+def _demo_texts(cfg: RunConfig, rd: RunDir) -> str | None:
+    """Path of the text the demo LM is trained on (the demo world's stage-2 JSON), when the LM is a demo one."""
+    if not cfg.stage2.language_model.startswith("demo-"):
+        return None
+    return stage2_sources(cfg, rd, "finetune")[0]
+
+
+def run_eval(cfg: RunConfig, rd: RunDir, model_dir: str | Path | None = None) -> dict[str, Path]:
+    from eval_mllm.runner import run_lmms_eval
+
+    model = Path(model_dir) if model_dir else rd.require_output("stage2_finetune", "hf_dir")
+    data_root = None
+    if any(t.startswith("demo") for t in cfg.eval.tasks):
+        data_root, _ = ensure_data(cfg, rd)
+    out = rd.path / "eval"
+    run_lmms_eval(model, cfg.eval.tasks, out, data_root=data_root, limit=cfg.eval.limit,
+                  batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed)
+    return {"results_json": out / "results.json", "samples_dir": out / "samples"}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    section: Callable[[RunConfig], Any]  # the config this step depends on (besides upstream)
+    run: Callable[..., dict[str, Path]]
+    dirs: Callable[[RunDir], list[Path]]  # wiped when the step's key changes
+
+
+def _stage2_section(phase: str) -> Callable[[RunConfig], Any]:
+    def section(cfg: RunConfig) -> Any:
+        d = to_dict(cfg.stage2)
+        other = "finetune" if phase == "pretrain" else "pretrain"
+        d.pop(other)  # the pretrain phase must not rerun because a finetune knob changed
+        return d
+
+    return section
+
+
+STEPS = (
+    Step("data", lambda c: c.data, lambda c, rd, **_: {"root": ensure_data(c, rd)[0]}, lambda rd: []),
+    Step("stage1", lambda c: c.stage1, lambda c, rd, **_: _stage1(c, rd), lambda rd: [rd.path / "stage1"]),
+    Step("stage2_pretrain", _stage2_section("pretrain"),
+         lambda c, rd, **kw: run_stage2_phase(c, rd, "pretrain", kw.get("shared_cache")),
+         lambda rd: [rd.path / "stage2_pretrain"]),
+    Step("stage2_finetune", _stage2_section("finetune"),
+         lambda c, rd, **kw: run_stage2_phase(c, rd, "finetune", kw.get("shared_cache")),
+         lambda rd: [rd.path / "stage2_finetune"]),
+    Step("eval", lambda c: c.eval, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir")), lambda rd: [rd.path / "eval"]),
+)
+
+
+def _outputs_exist(rd: RunDir, name: str) -> bool:
+    entry = rd.stage(name)
+    return bool(entry.get("outputs")) and all(
+        (rd.path / p if not Path(p).is_absolute() else Path(p)).exists() for p in entry["outputs"].values()
+    )
+
+
+def step_keys(cfg: RunConfig) -> dict[str, str]:
+    """Each step's key: its config section's hash chained with the upstream step's key."""
+    keys, upstream = {}, ""
+    for step in STEPS:
+        upstream = keys[step.name] = config_hash({"config": to_dict(step.section(cfg)), "upstream": upstream})
+    return keys
+
+
+def run_step(cfg: RunConfig, rd: RunDir, name: str, *, force: bool = False, **kw) -> str:
+    """Run one step unless it is done with the same key; "skipped" or "ran"."""
+    step = next(s for s in STEPS if s.name == name)
+    key = step_keys(cfg)[name]
+    entry = rd.stage(name)
+    if not force and entry.get("status") == "done" and entry.get("config_hash") == key and _outputs_exist(rd, name):
+        log(f"{name}: done with the same config, skipped")
+        return "skipped"
+    if entry.get("config_hash") not in (None, key):
+        log(f"{name}: config or inputs changed; rerunning it (and everything after it)")
+        for d in step.dirs(rd):
+            shutil.rmtree(d, ignore_errors=True)
+    elif entry.get("status") == "running":
+        log(f"{name}: interrupted earlier; resuming")
+    rd.mark_running(name, key)
+    t0 = time.perf_counter()
+    try:
+        outputs = step.run(cfg, rd, **kw)
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            rd.mark_failed(name, f"{type(e).__name__}: {e}".splitlines()[0][:500])
+        raise
+    rd.mark_done(name, outputs, seconds=round(time.perf_counter() - t0, 1))
+    return "ran"
+
+
+def run_chain(cfg: RunConfig, rd: RunDir, shared_cache: Path | None = None) -> dict[str, str]:
+    """Run every step not already done with the same key; returns {step: "skipped"|"ran"}."""
+    rd.save_config(dump_yaml(cfg))
+    return {step.name: run_step(cfg, rd, step.name, shared_cache=shared_cache) for step in STEPS}
+
+
+def run_ab(cfg: RunConfig, top: RunDir) -> dict:
+    """Every arm of `ab.arms` on shared data and LM initialisation, then the A/B report."""
+    from eval_mllm.report import write_report
+
+    top.save_config(dump_yaml(cfg))
+    root, _ = ensure_data(cfg, top)
+    arms: dict[str, dict] = {}
+    for arm in cfg.ab.arms:
+        acfg = arm_config(cfg, arm)
+        acfg.data.root = str(root.resolve())
+        ard = RunDir(top.path / "arms" / arm)
+        log(f"arm {arm}: {', '.join(f'{k}={v}' for k, v in cfg.ab.arms[arm].items())}")
+        run_chain(acfg, ard, shared_cache=top.path / "cache")
+        arms[arm] = {
+            "results_json": ard.require_output("eval", "results_json"),
+            "samples_dir": ard.require_output("eval", "samples_dir"),
+            "stage1_metrics": ard.require_output("stage1", "metrics_json"),
+            "umap_png": ard.require_output("stage1", "umap_png"),
+            "train_logs": {
+                "stage1": ard.require_output("stage1", "train_log"),
+                "stage2_pretrain": ard.require_output("stage2_pretrain", "train_log"),
+                "stage2_finetune": ard.require_output("stage2_finetune", "train_log"),
+            },
+        }
+    out = top.path / "report"
+    top.mark_running("report", config_hash(cfg))
+    report = write_report(arms, out, n_resamples=cfg.eval.bootstrap_samples, seed=cfg.eval.seed)
+    top.mark_done("report", {"markdown": out / "report.md", "json": out / "report.json"})
+    return report
