@@ -107,28 +107,45 @@ def stage2_sources(cfg: RunConfig, rd: RunDir, phase: str) -> tuple[str, str]:
     return str(root / paths[f"stage2_{phase}"]), str(root / paths["stage2_images"])
 
 
-def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path | None = None) -> dict[str, Path]:
-    from pipeline import launch
+def _stage2_entry(kwargs: dict) -> dict:
+    """Module-level (picklable) entry for the launcher: one stage-2 phase in every process."""
     from stage2_llava.train import run_phase
 
-    data_json, image_folder = stage2_sources(cfg, rd, phase)
-    tower = cfg.stage2.vision_tower or str(rd.require_output("stage1", "hf_clip_dir"))
-    init = str(rd.require_output("stage2_pretrain", "hf_dir")) if phase == "finetune" else None
-    out_dir = rd.path / f"stage2_{phase}"
-    cache = shared_cache or rd.path / "cache"
-    summary = launch.run(
-        run_phase, (phase, cfg.stage2, tower, init, data_json, image_folder, out_dir, cache, _demo_texts(cfg, rd)),
-        cfg.stage2.nproc,
-    )
-    log(f"stage2 {phase}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s")
-    return {"hf_dir": out_dir / "hf", "train_log": out_dir / "logs" / "metrics.jsonl"}
+    return run_phase(**kwargs)
 
 
-def _demo_texts(cfg: RunConfig, rd: RunDir) -> str | None:
-    """Path of the text the demo LM is trained on (the demo world's stage-2 JSON), when the LM is a demo one."""
+def demo_lm_texts(cfg: RunConfig, rd: RunDir) -> list[str] | None:
+    """Both phases' conversations as vicuna_v1 text: what a registered demo LM learns before stage 2."""
     if not cfg.stage2.language_model.startswith("demo-"):
         return None
-    return stage2_sources(cfg, rd, "finetune")[0]
+    from stage2_llava.llava_json import load_llava_json
+    from stage2_llava.train import demo_texts_of
+
+    texts = []
+    for phase in ("pretrain", "finetune"):
+        data_json, image_folder = stage2_sources(cfg, rd, phase)
+        texts += demo_texts_of(load_llava_json(data_json, image_folder, skip_bad=cfg.stage2.skip_bad_records)[0])
+    return texts
+
+
+def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path | None = None) -> dict[str, Path]:
+    from pipeline import launch
+
+    data_json, image_folder = stage2_sources(cfg, rd, phase)
+    out_dir = rd.path / f"stage2_{phase}"
+    cache = Path(shared_cache or rd.path / "cache")  # shared by A/B arms: one LM initialisation for all
+    if phase == "pretrain":
+        tower = cfg.stage2.vision_tower or str(rd.require_output("stage1", "hf_clip_dir"))
+        init = (tower, cfg.stage2.language_model)
+    else:
+        init = str(rd.require_output("stage2_pretrain", "hf_dir"))
+    kwargs = dict(phase=phase, cfg=cfg.stage2, init_dir_or_sources=init, data_json=data_json,
+                  image_folder=image_folder, out_dir=out_dir, cache_dir=cache / "features",
+                  lm_cache_dir=cache / "language_models",
+                  demo_texts=demo_lm_texts(cfg, rd) if phase == "pretrain" else None)
+    summary = launch.run(_stage2_entry, (kwargs,), cfg.stage2.nproc)
+    log(f"stage2 {phase}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s")
+    return {"hf_dir": out_dir / "hf", "train_log": out_dir / "logs" / "metrics.jsonl"}
 
 
 def run_eval(cfg: RunConfig, rd: RunDir, model_dir: str | Path | None = None) -> dict[str, Path]:
@@ -212,7 +229,7 @@ def run_step(cfg: RunConfig, rd: RunDir, name: str, *, force: bool = False, **kw
         if not isinstance(e, KeyboardInterrupt):
             rd.mark_failed(name, f"{type(e).__name__}: {e}".splitlines()[0][:500])
         raise
-    rd.mark_done(name, outputs, seconds=round(time.perf_counter() - t0, 1))
+    rd.mark_done(name, outputs, config_hash=key, seconds=round(time.perf_counter() - t0, 1))
     return "ran"
 
 

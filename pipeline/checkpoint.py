@@ -99,9 +99,15 @@ def _complete(ckpt_dir: Path) -> list[Path]:
 
 def _rotate(ckpt_dir: Path, keep: int) -> None:
     for old in _complete(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in ckpt_dir.glob(".step_*"):  # leftovers of a write killed mid-way
+        # Hide before deleting: a kill mid-delete then leaves a hidden leftover, never a torn step dir.
+        hidden = old.with_name(f".{old.name}.del")
+        old.rename(hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+    for tmp in ckpt_dir.glob(".step_*"):  # leftovers of a write or delete killed mid-way
         shutil.rmtree(tmp, ignore_errors=True)
+    for torn in ckpt_dir.glob("step_*"):  # complete checkpoints appear by rename, so these are garbage
+        if not (torn / "state.json").is_file():
+            shutil.rmtree(torn, ignore_errors=True)
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:

@@ -107,7 +107,7 @@ def _print_results(path: Path) -> None:
 
     res = read_json(path)
     for task, entry in res.get("tasks", {}).items():
-        print(f"{task:24s} {entry.get('metric', ''):18s} {entry.get('value_pct')}  (n={entry.get('n')})")
+        print(f"{task:24s} {entry.get('metric', ''):18s} {entry.get('value_pct')}  (n={entry.get('n_samples')})")
     for task, why in res.get("skipped", {}).items():
         print(f"{task:24s} skipped: {why}")
 

@@ -60,5 +60,5 @@ def test_rotation_and_torn_write_recovery(tmp_path):
     (tmp_path / "step_00000006").mkdir()
     assert latest_checkpoint(tmp_path).name == "step_00000004"
     save_checkpoint(tmp_path, 7, model.state_dict(), opt, {}, keep=2)
-    assert not (tmp_path / ".step_00000005.tmp").exists()
+    assert not (tmp_path / ".step_00000005.tmp").exists() and not (tmp_path / "step_00000006").exists()
     assert latest_checkpoint(tmp_path).name == "step_00000007"

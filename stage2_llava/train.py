@@ -1,0 +1,451 @@
+"""Stage-2 training loop (LLaVA-1.5 recipe), one phase at a time: `run_phase("pretrain"|"finetune", cfg, ...)`.
+
+pretrain starts from `assemble.build_llava(vision_tower, language_model, projector, ...)`; finetune from
+the pretrain phase's HF output (`assemble.load_llava`). `assemble.set_trainable` freezes the modules
+(projector only, or projector + LM when `train_lm`); the counts go to the log and `trainable.json`.
+
+Batching: global batch from the phase config = per-device batch x accumulation steps x processes; the
+sampler (`data.StepBatchSampler`) hands each rank its micro-batches of every global batch. The loss of
+a global batch is the mean over ALL its supervised tokens (summed cross-entropy / the global token
+count, passed to the model as `num_items_in_batch`), so 1 process and N processes, or any split into
+micro-batches, give the same gradient. (LLaVA's 2023 HF Trainer averaged per-micro-batch means.)
+
+Optimiser: AdamW (betas 0.9/0.999, eps 1e-8; weight decay on matrices only, 0 by default), gradient
+clipping at 1.0 (HF Trainer's default, which LLaVA's scripts keep), linear warm-up over
+ceil(warmup_ratio x steps) then cosine to 0 (transformers' get_cosine_schedule_with_warmup).
+
+Runtime: accelerate `Accelerator(gradient_accumulation_steps=...)`; `deepspeed: zero2|zero3` adds a
+DeepSpeedPlugin with LLaVA's scripts/zero2.json / zero3.json settings (explicit batch sizes, bf16 when
+training in bf16). Without DeepSpeed and with several processes (torchrun's environment) accelerate
+wraps the model in DDP (gloo on CPU). bf16 on GPU, fp32 on CPU (`stage2.precision`).
+
+Output under `out_dir`: checkpoints/ (trainable weights + optimizer state + data position, safetensors
++ JSON, rotated, atomic), logs/ (metrics.jsonl + tensorboard/), trainable.json, train_summary.json and
+hf/ (LlavaForConditionalGeneration + processor via `assemble.save_llava`). A rerun with the same out_dir
+resumes from the newest checkpoint to the same final weights (non-DeepSpeed path; under DeepSpeed the
+trainable weights, schedule and data position resume, the Adam moments restart, since DeepSpeed's
+optimizer state is only saved by its own pickled checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.io import InputError, RunStopped, atomic_write_json, seed_everything
+from pipeline.metrics_log import MetricLogger
+from stage2_llava.assemble import build_llava, load_llava, num_image_tokens, save_llava, set_trainable, supervised_loss
+from stage2_llava.conversation import get_template
+from stage2_llava.data import Collator, ImageLoader, LlavaDataset, StepBatchSampler
+from stage2_llava.feature_cache import FeatureCache, projected_features
+from stage2_llava.llava_json import load_llava_json, modality_lengths
+from stage2_llava.preprocess import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+PHASES = ("pretrain", "finetune")
+MAX_GRAD_NORM = 1.0
+
+
+class NonFiniteLoss(RunStopped):
+    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+def batch_plan(global_batch: int, per_device: int, world: int) -> int:
+    """Gradient-accumulation steps so that global = per_device x accum x world."""
+    if global_batch % (per_device * world):
+        raise InputError(f"stage2 global_batch_size={global_batch} is not divisible by per_device_batch_size x "
+                         f"processes = {per_device} x {world}, expected a multiple")
+    return global_batch // (per_device * world)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """transformers.get_cosine_schedule_with_warmup's multiplier at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def use_bf16(precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(stage: int, *, per_device: int, accum: int, world: int, bf16: bool, hidden_size: int) -> dict:
+    """LLaVA's scripts/zero{2,3}.json with the "auto" values filled as HF Trainer fills them."""
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+            "reduce_bucket_size": hidden_size * hidden_size}
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+                    stage3_param_persistence_threshold=10 * hidden_size, stage3_max_live_parameters=1e9,
+                    stage3_max_reuse_distance=1e9, stage3_gather_16bit_weights_on_model_save=True)
+    return {"fp16": {"enabled": False}, "bf16": {"enabled": bf16}, "train_micro_batch_size_per_gpu": per_device,
+            "train_batch_size": per_device * accum * world, "gradient_accumulation_steps": accum,
+            "gradient_clipping": MAX_GRAD_NORM, "zero_optimization": zero}
+
+
+def _single_process_env() -> None:
+    """DeepSpeed needs a torch.distributed environment even for one process (else it looks for MPI)."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def make_accelerator(deepspeed: str, *, per_device: int, accum: int, world: int, bf16: bool, hidden_size: int,
+                     find_unused: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
+
+    kwargs = {"gradient_accumulation_steps": accum, "mixed_precision": "bf16" if bf16 else "no"}
+    # accelerate resets torch's thread count on CPU unless OMP_NUM_THREADS is set: keep the caller's
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if deepspeed != "none":
+        stage = {"zero2": 2, "zero3": 3}[deepspeed]
+        if world > 1 and not torch.cuda.is_available():
+            raise InputError(f"stage2 deepspeed={deepspeed} runs in one process on CPU (accelerate and DeepSpeed "
+                             "disagree on the world size there), expected deepspeed=none or nproc=1")
+        ds = deepspeed_config(stage, per_device=per_device, accum=accum, world=world, bf16=bf16,
+                              hidden_size=hidden_size)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False,
+                                                     zero3_save_16bit_model=True)
+    else:
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
+        # without cpu=True accelerate ignores torchrun's environment on a CPU-only machine (1 process each)
+        kwargs["cpu"] = not torch.cuda.is_available()
+    accelerator = Accelerator(**kwargs)
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes, the launcher started {world}")
+    return accelerator
+
+
+class TrainForward(nn.Module):
+    """The LLaVA model's training forward, from pixel values or from cached tower features.
+
+    Returns the summed token cross-entropy divided by `num_items_in_batch` (HF's loss with that argument),
+    with logits computed only at supervised positions (assemble.supervised_loss: a 32k-vocabulary output
+    layer over every position would dominate the step).
+    Wrapping keeps the projector call on cached features inside the DDP/DeepSpeed-wrapped forward.
+    """
+
+    def __init__(self, llava: nn.Module):
+        super().__init__()
+        self.llava = llava
+
+    def forward(self, input_ids, attention_mask, labels, num_items_in_batch, pixel_values=None, image_features=None):
+        extra = {}
+        if image_features is not None:
+            extra["mm_encoder_outputs"] = projected_features(self.llava, image_features)
+        elif pixel_values is not None:
+            extra["pixel_values"] = pixel_values
+        loss, _ = supervised_loss(self.llava, labels, num_items_in_batch, input_ids=input_ids,
+                                  attention_mask=attention_mask, use_cache=False, **extra)
+        return loss
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal-LM loss counts (labels shifted by one, -100 ignored)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _to(batch: dict, device) -> dict:
+    keys = ("input_ids", "attention_mask", "labels", "pixel_values", "image_features")
+    return {k: batch[k].to(device) if batch[k] is not None else None for k in keys}
+
+
+def train_step(model, accelerator, micro_batches: list[dict], *, world: int, accum: int) -> torch.Tensor:
+    """Forward/backward of one global batch's micro-batches on this rank; returns the global token-mean loss.
+
+    The optimizer step is the caller's (under DeepSpeed the engine steps inside the last backward).
+    """
+    local = torch.tensor(float(sum(supervised_tokens(mb["labels"]) for mb in micro_batches)), device=accelerator.device)
+    n_items = accelerator.reduce(local, "sum").clamp_min(1.0)
+    total = torch.zeros((), device=accelerator.device)
+    for mb in micro_batches:
+        with accelerator.accumulate(model):
+            loss = model(**_to(mb, accelerator.device), num_items_in_batch=n_items)
+            # x world x accum undoes DDP's gradient averaging and accelerate's 1/accum: grads = d(global mean)
+            accelerator.backward(loss * (world * accum))
+            total += loss.detach().float()
+    return accelerator.reduce(total, "sum")
+
+
+# -------------------------------------------------------------------------------------- the phase
+
+@dataclass
+class PhaseData:
+    dataset: LlavaDataset
+    lengths: list[int]
+    skipped_records: int
+    cache: dict | None
+
+
+def demo_texts_of(records) -> list[str]:
+    """The records as vicuna_v1 prompts: the text a registered demo LM is trained on before stage 2."""
+    tpl = get_template("vicuna_v1")
+    return [tpl.render(r.conversations) for r in records]
+
+
+def _init_model(phase: str, cfg, init_dir_or_sources, *, lm_cache_dir, demo_texts):
+    if phase == "pretrain":
+        tower, lm = init_dir_or_sources if init_dir_or_sources else (cfg.vision_tower, cfg.language_model)
+        if not tower:
+            raise InputError("stage2.vision_tower is empty, expected an HF CLIP directory for the pretrain phase")
+        return build_llava(tower, lm, cfg.projector, cfg.vision_feature_layer,
+                           model_max_length=cfg.model_max_length, dtype=torch.float32, cache_dir=lm_cache_dir,
+                           demo_texts=demo_texts, seed=cfg.seed)
+    src = Path(init_dir_or_sources or "")
+    if (src / "hf").is_dir():
+        src = src / "hf"
+    if not (src / "config.json").is_file():
+        raise InputError(f"{src}: no LLaVA model (config.json) found, expected the pretrain phase's output directory")
+    return load_llava(str(src))
+
+
+def phase_data(cfg, ph, model, processor, records, skipped: int, image_folder, *, num_image_tokens: int,
+               cache_dir=None, accelerator=None, bf16: bool = False) -> PhaseData:
+    """The phase's dataset; with `cfg.feature_cache` the tower features are built first (rank-sharded)."""
+    table, cache_stats = None, None
+    if cfg.feature_cache and any(r.has_image for r in records):
+        cache = FeatureCache(cache_dir, model, processor.image_processor, precision="bf16" if bf16 else "fp32")
+        t0 = time.perf_counter()
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        device = accelerator.device if accelerator else "cpu"
+        cache_stats = cache.build(records, image_folder, rank=rank, world=world, device=device,
+                                  skip_bad=cfg.skip_bad_records, progress=rank == 0)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        table = cache.table(records, image_folder)
+        cache_stats.update(key=cache.key, dir=str(cache.dir), build_seconds=round(time.perf_counter() - t0, 3))
+    tok = processor.tokenizer
+    image_token_id = model.config.image_token_id
+    if tok.convert_tokens_to_ids("<image>") != image_token_id:
+        raise InputError(f"the processor's '<image>' id differs from the model's image_token_id={image_token_id}")
+    ds = LlavaDataset(records, tok, ImageLoader(processor.image_processor, image_folder), template=ph.template,
+                      image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                      model_max_length=cfg.model_max_length, skip_bad=cfg.skip_bad_records, features=table)
+    return PhaseData(ds, modality_lengths(records), skipped, cache_stats)
+
+
+def _trainable_state(model: nn.Module, deepspeed: str) -> dict[str, torch.Tensor]:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if deepspeed == "zero3":
+        import deepspeed as ds
+
+        with ds.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            return {n: p.detach().clone().cpu() for n, p in params}
+    return {n: p.detach().clone().cpu() for n, p in params}
+
+
+def _restore(model: nn.Module, optimizer, ckpt: Path, with_optimizer: bool) -> dict:
+    state_dict, state = load_checkpoint(ckpt, optimizer if with_optimizer else None)
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state_dict) != want:
+        raise InputError(f"{ckpt}: checkpoint holds {len(state_dict)} tensors that are not this phase's "
+                         f"{len(want)} trainable parameters, expected a checkpoint of the same phase and model")
+    model.load_state_dict(state_dict, strict=False)
+    return state
+
+
+def _save_final(model: nn.Module, processor, out: Path, deepspeed: str, is_main: bool) -> None:
+    if deepspeed == "zero3":
+        import deepspeed as ds
+
+        with ds.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if is_main:
+                save_llava(model, processor, str(out))
+    elif is_main:
+        save_llava(model, processor, str(out))
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _workers(num_workers: int | None, world: int) -> int:
+    if num_workers is not None:
+        return num_workers
+    return max(0, min(4, (os.cpu_count() or 1) // world - 1))
+
+
+def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, phase: str, cfg, ph, accum: int,
+                out_dir: str | os.PathLike, counts: dict, num_workers: int | None = None) -> dict:
+    """The loop: `model` (trainable parameters already chosen) trained on `data` into `out_dir` (module docstring)."""
+    out_dir, ds = Path(out_dir), ph.deepspeed
+    ckpt_dir = out_dir / "checkpoints"
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.grad_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = _optimizer(model, ph.lr, ph.weight_decay)
+    step = epoch = step_in_epoch = 0
+    counters = {"bad_samples": 0, "mismatch_samples": 0}
+    ck = latest_checkpoint(ckpt_dir)
+    if ck is not None:
+        state = _restore(model, optimizer, ck, with_optimizer=ds == "none")
+        step, epoch, step_in_epoch, counters = state["step"], state["epoch"], state["step_in_epoch"], state["counters"]
+        log.info("stage2 %s: resuming from %s (step %d)", phase, ck, step)
+        if ds != "none":
+            log.warning("stage2 %s: DeepSpeed resume restores weights, schedule and data position; the Adam "
+                        "moments restart from zero", phase)
+    resumed_from = step
+    wrapped, opt = accelerator.prepare(TrainForward(model), optimizer)
+    wrapped.train()
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    global_batch = ph.per_device_batch_size * accum * world
+    per_epoch = math.ceil(len(data.dataset) / global_batch)
+    total = ph.max_steps if ph.max_steps is not None else max(1, math.ceil(ph.epochs * per_epoch))
+    warmup = math.ceil(ph.warmup_ratio * total)
+    trainable = {name: {"trainable": t, "total": n} for name, (t, n) in counts.items()}
+    logger = MetricLogger(out_dir / "logs", resume_step=step) if is_main else None
+    if is_main:
+        atomic_write_json(out_dir / "trainable.json", trainable)
+        for name, c in trainable.items():
+            log.info("stage2 %s: %s trains %d of %d parameters", phase, name, c["trainable"], c["total"])
+    collator = Collator(processor.tokenizer.pad_token_id)
+    workers = _workers(num_workers, world)
+
+    def checkpoint():
+        tensors = _trainable_state(model, ds)
+        if is_main:
+            save_checkpoint(ckpt_dir, step, tensors, optimizer if ds == "none" else None, {
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "counters": counters, "phase": phase,
+                "world_size": world, "global_batch": global_batch, "total_steps": total,
+            })
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=total, initial=step, desc=f"stage2 {phase}", disable=not is_main, dynamic_ncols=True)
+    t_begin = time.perf_counter()
+    seen = torch.zeros(2, dtype=torch.float64)  # tokens, samples processed in this run
+    loss = torch.tensor(float("nan"))
+    while step < total:
+        sampler = StepBatchSampler(data.lengths, per_device=ph.per_device_batch_size, accum=accum, world=world,
+                                   rank=rank, seed=cfg.seed, epoch=epoch,
+                                   group_by_modality=ph.group_by_modality_length, start_step=step_in_epoch)
+        batches = iter(torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collator,
+                                                   num_workers=workers))
+        while step_in_epoch < sampler.steps_per_epoch and step < total:
+            micro = [next(batches) for _ in range(accum)]
+            lr = ph.lr * lr_factor(step, total, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss = train_step(wrapped, accelerator, micro, world=world, accum=accum)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"stage2 {phase} step {step + 1}: non-finite loss {float(loss)}; stopped, "
+                                    f"last good checkpoint kept: {latest_checkpoint(ckpt_dir)}")
+            grad_norm = accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+            opt.step()  # a no-op under DeepSpeed, whose engine stepped inside the last backward
+            opt.zero_grad(set_to_none=True)
+            local = torch.tensor([sum(float(m["attention_mask"].sum()) for m in micro), sum(len(m["index"]) for m in micro),
+                                  sum(m["n_bad"] for m in micro), sum(m["n_mismatch"] for m in micro)],
+                                 device=accelerator.device)
+            tokens, samples, bad, mismatch = accelerator.reduce(local, "sum").tolist()
+            dt = time.perf_counter() - t0
+            seen += torch.tensor([tokens, samples], dtype=torch.float64)
+            counters = {"bad_samples": counters["bad_samples"] + int(bad),
+                        "mismatch_samples": counters["mismatch_samples"] + int(mismatch)}
+            step, step_in_epoch = step + 1, step_in_epoch + 1
+            bar.update(1)
+            if is_main:
+                logger.log(step, {"loss": float(loss), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                                  "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "epoch": epoch, **counters})
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            if step % ph.checkpoint_every_steps == 0 or step == total:
+                checkpoint()
+        if step_in_epoch >= sampler.steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+    bar.close()
+    seconds = time.perf_counter() - t_begin
+    summary = {
+        "phase": phase, "steps": step, "resumed_from_step": resumed_from, "total_steps": total, "epochs_done": epoch,
+        "seconds": round(seconds, 3), "tokens_per_s": float(seen[0]) / seconds if seconds > 0 else None,
+        "samples_per_s": float(seen[1]) / seconds if seconds > 0 else None, "final_loss": float(loss) if torch.isfinite(loss) else None,
+        "world_size": world, "per_device_batch_size": ph.per_device_batch_size, "accumulation_steps": accum,
+        "global_batch_size": global_batch, "steps_per_epoch": per_epoch, "trainable": trainable,
+        "skipped_records": data.skipped_records, **counters, "feature_cache": data.cache, "deepspeed": ds,
+    }
+    _save_final(model, processor, out_dir / "hf", ds, is_main)
+    if is_main:
+        atomic_write_json(out_dir / "train_summary.json", summary)
+        logger.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def run_phase(phase: str, cfg, *, init_dir_or_sources=None, data_json: str | None = None,
+              image_folder: str | None = None, out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+              num_workers: int | None = None, lm_cache_dir: str | os.PathLike | None = None,
+              demo_texts: Sequence[str] | None = None) -> dict:
+    """Train (or resume) one stage-2 phase into `out_dir`; returns the summary written to train_summary.json.
+
+    init_dir_or_sources: pretrain: (vision_tower, language_model), or None for cfg's; finetune: the pretrain
+    phase's out_dir (or its hf/). data_json / image_folder default to the phase config's. cache_dir: root of
+    the feature cache (default out_dir/../feature_cache, shared by sibling phase directories). num_workers:
+    DataLoader workers (default: up to 4, fewer on small machines). lm_cache_dir / demo_texts: for a
+    registered demo LM (pretrain only): where it is built and cached (default out_dir/../language_models)
+    and the text it learns (default: this phase's records as vicuna_v1 prompts).
+    """
+    if phase not in PHASES:
+        raise InputError(f"stage2 phase {phase!r}, expected one of {PHASES}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    ph = getattr(cfg, phase)
+    data_json = data_json or ph.data
+    image_folder = image_folder or ph.image_folder or None
+    if not data_json:
+        raise InputError(f"stage2.{phase}.data is empty, expected a LLaVA JSON file")
+    out_dir = Path(out_dir)
+    if ph.deepspeed != "none":
+        _single_process_env()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    accum = batch_plan(ph.global_batch_size, ph.per_device_batch_size, world)
+    bf16 = use_bf16(cfg.precision)
+    records, skipped = load_llava_json(data_json, image_folder, skip_bad=cfg.skip_bad_records)
+    if not records:
+        raise InputError(f"{data_json}: no usable records")
+    seed_everything(cfg.seed)
+    if phase == "pretrain" and demo_texts is None:
+        demo_texts = demo_texts_of(records)
+    model, processor = _init_model(phase, cfg, init_dir_or_sources, demo_texts=demo_texts,
+                                   lm_cache_dir=lm_cache_dir or out_dir.parent / "language_models")
+    counts = set_trainable(model, "finetune" if ph.train_lm else "pretrain")
+    accelerator = make_accelerator(ph.deepspeed, per_device=ph.per_device_batch_size, accum=accum, world=world,
+                                   bf16=bf16, hidden_size=model.config.text_config.hidden_size,
+                                   find_unused=any(not r.has_image for r in records))
+    model.to(accelerator.device)  # the feature cache runs the tower before accelerate places the model
+    try:
+        data = phase_data(cfg, ph, model, processor, records, skipped, image_folder,
+                          num_image_tokens=num_image_tokens(model),
+                          cache_dir=cache_dir or out_dir.parent / "feature_cache", accelerator=accelerator, bf16=bf16)
+        return train_model(model, processor, data, accelerator, phase=phase, cfg=cfg, ph=ph, accum=accum,
+                           out_dir=out_dir, counts=counts, num_workers=num_workers)
+    finally:
+        _release(accelerator)
+
+
+def _release(accelerator) -> None:
+    """Forget accelerate's process-wide state so the next phase in this process may use another setup."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.free_memory()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
