@@ -59,6 +59,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.bench import matmul_flops_per_s
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(ROOT))
@@ -128,20 +130,6 @@ def _maxrss_mb() -> float:
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _matmul_rate(n: int, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n fp32 matmul with the current torch threads."""
-    import torch
-
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=c)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
 
 
 def _count_flops(forward_backward) -> int:
@@ -227,7 +215,7 @@ def _run_ours(spec: dict) -> dict:
     loaded = list(itertools.islice(itertools.chain.from_iterable(loaders(0)), n))
     load_s = time.perf_counter() - t0
     baseline = _rss_mb()
-    matmul = _matmul_rate(spec["matmul_size"])
+    matmul = matmul_flops_per_s(spec["matmul_size"])
     task.train()
     compute = []
     for i, batch in enumerate(loaded):
@@ -285,7 +273,7 @@ def _run_reference(spec: dict) -> dict:
 
     register_model_configs()
     n, logs = spec["warmup"] + spec["steps"], Path(spec["workdir"]) / "oct_logs"
-    rec: dict = {"matmul_flops_per_s": _matmul_rate(spec["matmul_size"])}
+    rec: dict = {"matmul_flops_per_s": matmul_flops_per_s(spec["matmul_size"])}
     real_get_data, real_train = ocm.get_data, ocm.train_one_epoch
 
     def get_data(*args, **kwargs):

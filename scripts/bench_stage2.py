@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.bench import matmul_flops_per_s
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(ROOT))
@@ -91,19 +93,6 @@ def _overrides(args, mode: str) -> list[str]:
             f"stage2.pretrain.per_device_batch_size={args.per_device}", "stage2.pretrain.epochs=1",
             "stage2.pretrain.max_steps=null", "stage2.pretrain.deepspeed=none",
             "stage2.pretrain.checkpoint_every_steps=1000000"]
-
-
-def _matmul_rate(n: int = 1024, reps: int = 5) -> float:
-    import torch
-
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=c)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
 
 
 def _flop_counter():
@@ -171,7 +160,7 @@ def worker(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     flops = (_step_flops(cfg, spec["data"], spec["folder"], spec["cache"], spec["lm_cache"], spec["mode"] != "no_cache")
              if spec["count_flops"] else None)
-    return {"summary": summary, "wall_seconds": wall, "flops_per_step": flops, "matmul_flops_per_s": _matmul_rate()}
+    return {"summary": summary, "wall_seconds": wall, "flops_per_step": flops, "matmul_flops_per_s": matmul_flops_per_s()}
 
 
 def _run(spec: dict) -> dict:

@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,35 +28,13 @@ import torch
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import nn
 
-from pipeline.io import atomic_write_json, save_safetensors
+from pipeline.io import atomic_write_json, save_safetensors, staged_dir
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # first in open_clip's preferred checkpoint names
 _CUSTOM_TEXT_KEYS = ("text_projection", "positional_embedding", "token_embedding", "transformer", "ln_final")
 
 
-@contextmanager
-def _staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory next to `out_dir`; on success it replaces `out_dir` by rename."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb+") as f:
-                    os.fsync(f.fileno())
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _float32_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -110,7 +84,7 @@ def export_open_clip(
     if preprocess_cfg is None:
         preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
     state = to_standard_layout(_float32_state(model))
-    with _staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir) as tmp:
         save_safetensors(state, tmp / OPEN_CLIP_WEIGHTS, metadata={"format": "pt"})
         atomic_write_json(
             tmp / OPEN_CLIP_CONFIG, {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(dict(preprocess_cfg))}
@@ -311,7 +285,7 @@ def export_hf_clip(
         interpolation=pp.get("interpolation", "bicubic"),
         resize_mode=pp.get("resize_mode", "shortest"),
     )
-    with _staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)

@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.io import InputError, atomic_write_json, read_json
+from pipeline.io import InputError, atomic_write_json, read_json, staged_dir
 from stage2_llava.conversation import DEFAULT_IMAGE_TOKEN, get_template
-from stage2_llava.demo_lm import staged_dir
 from stage2_llava.preprocess import IGNORE_INDEX, prepare_tokenizer
 from stage2_llava.projectors import DEFAULT_PROJECTOR, build_projector, is_native, projector_builder
 from stage2_llava.registry import VisionTower, load_language_model, load_vision_tower

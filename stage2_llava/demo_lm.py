@@ -43,16 +43,14 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.io import InputError, atomic_write_json
+from pipeline.io import InputError, atomic_write_json, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +79,6 @@ DEMO_LMS: dict[str, DemoLMSpec] = {
 }
 
 
-@contextmanager
-def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory next to `out_dir`; on success it replaces `out_dir` by rename."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb+") as f:
-                    os.fsync(f.fileno())
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sentencepiece_file() -> Path:
