@@ -127,6 +127,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" as a string; on the command line it is a number
+            value = float(value) if "e" in value.lower() and not value.lower().startswith(("inf", "nan")) else value
+        except ValueError:
+            pass
     return key.split("."), value
 
 

@@ -42,11 +42,13 @@ def test_partial_phase_section_keeps_phase_defaults():
 
 def test_overrides_are_typed():
     cfg = load_config("tiny", ["stage1.batch_size=32", "stage1.method=ito", "stage1.fusion_lambda=4",
-                               "eval.tasks=pope,gqa", "stage1.samples_per_epoch=null", "stage1.grad_checkpointing=true"])
+                               "eval.tasks=pope,gqa", "stage1.samples_per_epoch=null", "stage1.grad_checkpointing=true",
+                               "stage1.eps=3e-8", "name=e5"])
     assert cfg.stage1.batch_size == 32 and cfg.stage1.method == "ito"
     assert cfg.stage1.fusion_lambda == 4.0 and isinstance(cfg.stage1.fusion_lambda, float)
     assert cfg.eval.tasks == ["pope", "gqa"]
     assert cfg.stage1.samples_per_epoch is None and cfg.stage1.grad_checkpointing is True
+    assert cfg.stage1.eps == 3e-8 and cfg.name == "e5"
 
 
 def test_yaml_file_with_base_and_override_order(tmp_path):
