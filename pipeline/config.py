@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from stage1_pretrain.config import Stage1Config
 from stage2_llava.config import Stage2Config
 
 PRESET_DIR = Path(__file__).parent / "presets"
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -127,11 +129,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads "3e-3" as a string; on the command line it is a number
-            value = float(value) if "e" in value.lower() and not value.lower().startswith(("inf", "nan")) else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "3e-3" as a string; on the command line it is a number
     return key.split("."), value
 
 
