@@ -39,7 +39,7 @@ def ensure_data(cfg: RunConfig, rd: RunDir) -> tuple[Path, dict]:
         root = rd.output("data", "root")
         if root is None or not (root / "manifest.json").is_file():
             root = rd.path / "data"
-            rd.mark_running("data", config_hash(cfg.data), {"size": cfg.data.size, "seed": cfg.data.seed})
+            rd.mark_running("data", step_keys(cfg)["data"], {"size": cfg.data.size, "seed": cfg.data.seed})
             world.generate(root, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
             rd.mark_done("data", {"root": root})
     manifest = root / "manifest.json"
@@ -167,6 +167,7 @@ class Step:
     section: Callable[[RunConfig], Any]  # the config this step depends on (besides upstream)
     run: Callable[..., dict[str, Path]]
     dirs: Callable[[RunDir], list[Path]]  # wiped when the step's key changes
+    outputs: tuple[str, ...]  # what "done" means (stage 1's train alone records only some of them)
 
 
 def _stage2_section(phase: str) -> Callable[[RunConfig], Any]:
@@ -180,22 +181,24 @@ def _stage2_section(phase: str) -> Callable[[RunConfig], Any]:
 
 
 STEPS = (
-    Step("data", lambda c: c.data, lambda c, rd, **_: {"root": ensure_data(c, rd)[0]}, lambda rd: []),
-    Step("stage1", lambda c: c.stage1, lambda c, rd, **_: _stage1(c, rd), lambda rd: [rd.path / "stage1"]),
+    Step("data", lambda c: c.data, lambda c, rd, **_: {"root": ensure_data(c, rd)[0]}, lambda rd: [], ("root",)),
+    Step("stage1", lambda c: c.stage1, lambda c, rd, **_: _stage1(c, rd), lambda rd: [rd.path / "stage1"],
+         ("checkpoint_dir", "open_clip_dir", "hf_clip_dir", "metrics_json")),
     Step("stage2_pretrain", _stage2_section("pretrain"),
          lambda c, rd, **kw: run_stage2_phase(c, rd, "pretrain", kw.get("shared_cache")),
-         lambda rd: [rd.path / "stage2_pretrain"]),
+         lambda rd: [rd.path / "stage2_pretrain"], ("hf_dir",)),
     Step("stage2_finetune", _stage2_section("finetune"),
          lambda c, rd, **kw: run_stage2_phase(c, rd, "finetune", kw.get("shared_cache")),
-         lambda rd: [rd.path / "stage2_finetune"]),
-    Step("eval", lambda c: c.eval, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir")), lambda rd: [rd.path / "eval"]),
+         lambda rd: [rd.path / "stage2_finetune"], ("hf_dir",)),
+    Step("eval", lambda c: c.eval, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir")), lambda rd: [rd.path / "eval"],
+         ("results_json", "samples_dir")),
 )
 
 
-def _outputs_exist(rd: RunDir, name: str) -> bool:
-    entry = rd.stage(name)
-    return bool(entry.get("outputs")) and all(
-        (rd.path / p if not Path(p).is_absolute() else Path(p)).exists() for p in entry["outputs"].values()
+def _outputs_exist(rd: RunDir, step: Step) -> bool:
+    outputs = rd.stage(step.name).get("outputs", {})
+    return all(k in outputs for k in step.outputs) and all(
+        (rd.path / p if not Path(p).is_absolute() else Path(p)).exists() for p in outputs.values()
     )
 
 
@@ -212,7 +215,7 @@ def run_step(cfg: RunConfig, rd: RunDir, name: str, *, force: bool = False, **kw
     step = next(s for s in STEPS if s.name == name)
     key = step_keys(cfg)[name]
     entry = rd.stage(name)
-    if not force and entry.get("status") == "done" and entry.get("config_hash") == key and _outputs_exist(rd, name):
+    if not force and entry.get("status") == "done" and entry.get("config_hash") == key and _outputs_exist(rd, step):
         log(f"{name}: done with the same config, skipped")
         return "skipped"
     if entry.get("config_hash") not in (None, key):

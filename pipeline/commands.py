@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pipeline import chain
-from pipeline.config import RunConfig, config_hash, dump_yaml, load_config
+from pipeline.config import RunConfig, dump_yaml, load_config
 from pipeline.rundir import RunDir
 from pipeline.schema import ConfigError, describe
 
@@ -44,7 +44,7 @@ def data_demo(args) -> int:
 
     out = args.out if args.out is not None else rd.path / "data"
     if rd is not None:
-        rd.mark_running("data", config_hash(cfg.data), {"size": cfg.data.size, "seed": cfg.data.seed})
+        rd.mark_running("data", chain.step_keys(cfg)["data"], {"size": cfg.data.size, "seed": cfg.data.seed})
     t0 = time.perf_counter()
     manifest = world.generate(out, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
     dt = time.perf_counter() - t0
@@ -59,7 +59,7 @@ def stage1_train(args) -> int:
     extra = [f"stage1.nproc={args.nproc}"] if args.nproc else []
     cfg, rd = resolve(args, extra)
     t0 = time.perf_counter()
-    rd.mark_running("stage1", config_hash(cfg.stage1))
+    rd.mark_running("stage1", chain.step_keys(cfg)["stage1"])  # the chain's key: a later `run` reuses it
     outs = chain.run_stage1_train(cfg, rd)
     rd.add_outputs("stage1", outs, train_seconds=round(time.perf_counter() - t0, 1))
     return 0
