@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from pipeline.io import InputError, atomic_write_json, save_safetensors
+from pipeline.io import InputError, atomic_write_json, save_safetensors, sha256_file
 from stage2_llava.data import ImageLoader
 from stage2_llava.llava_json import Record
 
@@ -95,14 +95,6 @@ def cache_key(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FeatureTable:
     """image path (relative, as in the records) -> cached [P, D] features; picklable for DataLoader workers."""
 
@@ -157,7 +149,7 @@ class FeatureCache:
         paths = [os.path.abspath(os.path.join(image_folder, r)) for r in rels]
         new = [p for p in paths if p not in self._file_hashes]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            self._file_hashes.update(zip(new, pool.map(file_sha256, new), strict=True))
+            self._file_hashes.update(zip(new, pool.map(sha256_file, new), strict=True))
         return {rel: self._file_hashes[p] for rel, p in zip(rels, paths, strict=True)}
 
     def _autocast(self, device: torch.device):

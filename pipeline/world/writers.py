@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from pipeline.io import atomic_write_bytes
+from pipeline.io import atomic_write_bytes, sha256_file
 
 TAR_OWNER = "ito"
 
@@ -73,14 +73,6 @@ def write_parquet(path: Path, columns: dict[str, list], features: dict) -> Path:
         if not was_disabled:
             datasets.enable_progress_bars()
     return atomic_write_bytes(path, buf.getvalue())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_entry(path: Path) -> dict:
