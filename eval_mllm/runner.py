@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.io import InputError, atomic_write_json, atomic_write_text
+from pipeline.io import InputError, atomic_write_json, atomic_write_text, require_safetensors
 
 from . import task_sets
 from .bootstrap import TaskStatistic, json_finite
@@ -63,6 +63,7 @@ def prompt_example(model_dir: Path) -> str:
 def _check_model_dir(model_dir: Path) -> None:
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir}: not a Hugging Face model directory (config.json missing)")
+    require_safetensors(model_dir)  # lmms-eval's from_pretrained would otherwise unpickle a .bin
     if "," in str(model_dir) or "=" in str(model_dir):
         raise InputError(f"{model_dir}: lmms-eval model_args cannot carry a path containing ',' or '='")
 

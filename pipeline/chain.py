@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import faults
 from pipeline.config import RunConfig, arm_config, config_hash, dump_yaml
-from pipeline.io import InputError, read_json
+from pipeline.io import InputError, read_json, sweep_partial_writes
 from pipeline.rundir import RunDir
 from pipeline.schema import to_dict
 
@@ -224,14 +225,20 @@ def run_step(cfg: RunConfig, rd: RunDir, name: str, *, force: bool = False, **kw
             shutil.rmtree(d, ignore_errors=True)
     elif entry.get("status") == "running":
         log(f"{name}: interrupted earlier; resuming")
+        for d in step.dirs(rd):
+            if d.is_dir():
+                sweep_partial_writes(d)
     rd.mark_running(name, key)
     t0 = time.perf_counter()
+    faults.set_step(name)
     try:
         outputs = step.run(cfg, rd, **kw)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             rd.mark_failed(name, f"{type(e).__name__}: {e}".splitlines()[0][:500])
         raise
+    finally:
+        faults.set_step(None)
     rd.mark_done(name, outputs, config_hash=key, seconds=round(time.perf_counter() - t0, 1))
     return "ran"
 

@@ -78,6 +78,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({line})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}), expected a UTF-8 YAML file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

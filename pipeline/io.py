@@ -17,9 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.faults import failpoint
+
 
 class InputError(ValueError):
-    """Bad user input (file, record or field); the CLI prints it as one line and exits 2."""
+    """Bad user input (file, record or field); the CLI prints it as one line and exits 1."""
 
 
 class RunStopped(RuntimeError):
@@ -53,6 +55,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        failpoint("file.before_rename")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -78,9 +81,11 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
             if path.is_file():
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
+        failpoint("dir.before_rename")
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
             os.replace(out_dir, old)
+            failpoint("dir.mid_swap")
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -88,6 +93,18 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sweep_partial_writes(root: str | os.PathLike) -> list[Path]:
+    """Delete the temp files and directories (`.NAME.*.tmp`, `.NAME.*.old`) that writes killed mid-way left
+    under `root`; returns them. Only for trees no other process is writing."""
+    found = sorted(p for p in Path(root).rglob(".*") if p.name.endswith((".tmp", ".old")))
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -151,6 +168,29 @@ def load_safetensors(path: str | os.PathLike) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def path_escape(rel: str) -> str | None:
+    """Why the data-file path `rel` would leave the folder it is relative to, or None when it stays inside.
+
+    By path text only (absolute, a drive, `..` above the root after normalisation); a symlink inside the
+    folder is the dataset owner's choice and is followed."""
+    if os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
+        return "is an absolute path"
+    norm = os.path.normpath(rel)
+    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        return "leaves the image folder"
+    return None
+
+
+def require_safetensors(model_dir: str | os.PathLike) -> None:
+    """A Hugging Face model directory must hold safetensors weights: pickled .bin/.pt files are never loaded."""
+    d = Path(model_dir)
+    if any((d / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for p in d.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    raise InputError(f"{d}: no model.safetensors (or model.safetensors.index.json), expected safetensors weights"
+                     + (f"; {', '.join(pickles)} may hold pickled code and are not loaded" if pickles else ""))
 
 
 def seed_everything(seed: int) -> None:

@@ -16,6 +16,7 @@ class Stage1Config:
     method: str = option("clip", help="stage-1 method from the registry: clip, ito, ito_sub2, ...")
     model: str = option("ito-tiny", help="open_clip architecture name (ViT-B-16, ViT-L-16, ito-tiny, ito-demo)")
     train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar) or CSV; empty: the run's demo data")
+    image_root: str = option("", help="folder a CSV's image paths are relative to and must stay inside (empty: the CSV's folder)")
     eval_data: str = option("", help="JSONL of {image, caption, label?} records; empty: the run's demo eval split")
     epochs: int = option(1, min=1, help="passes over the training data")
     samples_per_epoch: int | None = option(None, min=1, help="samples per epoch; required with resampled shards")

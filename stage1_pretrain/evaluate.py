@@ -1,7 +1,7 @@
 """Stage-1 evaluation of a dual encoder (an open_clip model): zero-shot top-1, retrieval R@1/5/10,
 linear probe, modality gap, and a UMAP picture, from a JSONL eval set.
 
-Input: a JSONL file of records {"image": path relative to the JSONL file, "caption": str,
+Input: a JSONL file of records {"image": path relative to (and inside) the JSONL folder, "caption": str,
 "label": str (optional)}; next to it, optionally, `classnames.json` (list of str) and
 `templates.json` (list of prompt templates with "{}" or "{c}" for the class name). Without
 them the class names are the sorted set of labels and the templates open_clip's
@@ -28,7 +28,7 @@ from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
 from open_clip import SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.io import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from pipeline.io import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, path_escape, read_json
 from stage1_pretrain.metrics import (
     linear_probe,
     modality_gap,
@@ -154,6 +154,9 @@ def _parse_line(text: str, jsonl: Path, line: int, classnames: list[str] | None)
         raise InputError(f"{where}: field 'label': expected a non-empty string, got {label!r}")
     if label is not None and classnames is not None and label not in classnames:
         raise InputError(f"{where}: field 'label': {label!r} is not in classnames.json")
+    escape = path_escape(image)
+    if escape:
+        raise InputError(f"{where}: field 'image': {image!r} {escape}, expected a path inside {jsonl.parent}")
     path = (jsonl.parent / image).resolve()
     if not path.is_file():
         raise InputError(f"{where}: field 'image': file {path} not found")

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+from pipeline.disk import require_free, tensor_bytes, tree_bytes
+from pipeline.faults import failpoint
 from pipeline.io import RunStopped, atomic_write_json, save_safetensors
 from pipeline.metrics_log import MetricLogger
 
@@ -72,7 +74,7 @@ def _loader(cfg, build, method, train_data, epoch, rank, world, skip, counters):
         text_view_fn=TextViews(method.text_view_kind, method.text_views),
         batch_size_per_rank=cfg.batch_size // world, rank=rank, world_size=world, workers=cfg.workers,
         seed=cfg.seed, epoch=epoch, samples_per_epoch=cfg.samples_per_epoch, resample=cfg.resample_shards,
-        max_bad_fraction=cfg.max_bad_fraction, skip_batches=skip, counters=counters,
+        max_bad_fraction=cfg.max_bad_fraction, skip_batches=skip, counters=counters, image_root=cfg.image_root or None,
     )
 
 
@@ -94,6 +96,15 @@ def train_step(model, optimizer, images, texts, accum_steps: int, autocast) -> d
     return totals
 
 
+def disk_need(task: torch.nn.Module, keep: int) -> dict[str, int]:
+    """Peak bytes stage 1 writes: keep+1 checkpoints (weights + two AdamW moments), final weights and 2 exports."""
+    trainable = tensor_bytes(p for p in task.parameters() if p.requires_grad)
+    inference = tensor_bytes(task.inference_model().state_dict().values())
+    return {f"{keep + 1} checkpoints": (keep + 1) * (tensor_bytes(task.state_dict().values()) + 2 * trainable
+                                                       + OVERHEAD_BYTES),
+            "final weights + open_clip/HF exports": 3 * inference}
+
+
 def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_steps: int | None = None) -> dict:
     """Train (or resume) stage 1 into `out_dir`; returns the summary written to train_summary.json."""
     rank, world, device = _setup_distributed()
@@ -104,12 +115,15 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
         torch.use_deterministic_algorithms(True, warn_only=True)
     build = build_task(cfg, rank=rank, world_size=world, device=device)
     task, method = build.task, build.method
+    disk = require_free(out_dir, "stage 1 training", disk_need(task, cfg.keep_checkpoints), present=tree_bytes(out_dir))
     model = torch.nn.parallel.DistributedDataParallel(task) if world > 1 else task
     optimizer = torch.optim.AdamW(
         task.parameter_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
     counters = DataCounters()
     step, epoch, batch_in_epoch = 0, 0, 0
+    if is_main:
+        sweep_partial(ckpt_dir)
     ck = latest_checkpoint(ckpt_dir)
     if ck is not None:
         state_dict, state = load_checkpoint(ck, optimizer)
@@ -150,6 +164,7 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
                 kept = latest_checkpoint(ckpt_dir)
                 raise NonFiniteLoss(f"stage1 step {step + 1}: {e}; stopped, last good checkpoint kept: {kept}") from None
             task.clamp_logit_scales()
+            failpoint("train.step")
             if world > 1:  # each rank's loss is its share of the global-batch loss: log the mean
                 names = sorted(metrics)
                 vals = torch.tensor([metrics[k] for k in names], dtype=torch.float64)
@@ -178,7 +193,7 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
             checkpoint()
     bar.close()
     summary = {"steps": step, "epochs_done": epoch, "method": method.name, "model": cfg.model,
-               "world_size": world, "data_counters": counters.as_dict()}
+               "world_size": world, "data_counters": counters.as_dict(), "disk_estimate": disk}
     if is_main:
         final = out_dir / "final"
         save_safetensors(task.inference_model().state_dict(), final / "model.safetensors")

@@ -9,72 +9,29 @@ Those transforms draw from torch's and Python's global RNGs; `MultiView` forks b
 seeds them per sample, so a sample's views depend only on the seed it is given (and
 a resumed run sees the same views), never on what ran before in the process.
 
-Decoding (`load_rgb`) converts every mode to 8-bit RGB: transparency is composited over
+Decoding (`load_rgb`) is pipeline.images' `decode_image` with transparency composited over
 white (as img2dataset and transformers' `convert_to_rgb` do, instead of PIL's alpha drop
-that turns transparent pixels black), 16-bit and 32-bit grey images are rescaled to 8 bits
-(PIL's own conversion clips them to 255), images above MAX_PIXELS are refused before their
-pixels are decoded.
+that turns transparent pixels black).
 """
 
 from __future__ import annotations
 
-import io
 import random
 import warnings
 
-import numpy as np
 import torch
 from PIL import Image
 
-MAX_PIXELS = 8192 * 8192
+from pipeline.images import MAX_PIXELS, ImageDecodeError, decode_image, to_rgb
+
+__all__ = ["MAX_PIXELS", "ImageDecodeError", "MultiView", "load_rgb", "make_view_transform", "to_rgb"]
+
 VIEW_KINDS = ("clip", "open_clip", "ito")  # "open_clip" is an alias of "clip" (methods.py spelling)
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not a usable image (message says why, in a few words)."""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB (see the module docstring for the choices)."""
-    if img.mode == "RGB" and "transparency" not in img.info:
-        return img
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16"):
-            arr = arr / 257.0
-        else:
-            hi = float(arr.max()) if arr.size else 0.0
-            if hi > 255.0:  # a 16-bit (or wider) range stored in a 32-bit mode
-                arr = arr * (255.0 / max(hi, 65535.0))
-        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode image bytes to an RGB PIL image; ImageDecodeError says why when it cannot."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size is checked below
-            img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageDecodeError(f"image too large: {w}x{h} pixels, more than {max_pixels}")
-        if w < 1 or h < 1:
-            raise ImageDecodeError(f"empty image: {w}x{h}")
-        img.load()
-        return to_rgb(img)
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image too large ({e})") from None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise ImageDecodeError(f"not a readable image: {type(e).__name__}: {str(e)[:120]}") from None
+    """Decode image bytes to an RGB PIL image (transparency over white); ImageDecodeError says why it cannot."""
+    return decode_image(data, max_pixels, composite_alpha=True)
 
 
 def make_view_transform(kind: str, image_size, mean, std, scale_min: float = 0.5):

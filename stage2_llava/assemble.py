@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.io import InputError, atomic_write_json, read_json, staged_dir
+from pipeline.io import InputError, atomic_write_json, read_json, require_safetensors, staged_dir
 from stage2_llava.conversation import DEFAULT_IMAGE_TOKEN, get_template
 from stage2_llava.preprocess import IGNORE_INDEX, prepare_tokenizer
 from stage2_llava.projectors import DEFAULT_PROJECTOR, build_projector, is_native, projector_builder
@@ -209,15 +209,18 @@ def load_llava(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     info_file = path / INFO_FILE
     projector = read_json(info_file).get("projector", DEFAULT_PROJECTOR) if info_file.is_file() else DEFAULT_PROJECTOR
     projector_builder(projector)
+    require_safetensors(path)
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     if is_native(projector):
-        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                              use_safetensors=True)
         return model, processor
     # from_pretrained loads everything but our projector (its keys are "unexpected" there); swap it in after
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                              use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     # transformers 5 writes LLaVA with its legacy key layout ("multi_modal_projector.*"); accept both

@@ -53,6 +53,10 @@ class Stage2Config:
     nproc: int = option(1, min=1)
     seed: int = option(0, min=0)
     skip_bad_records: bool = option(False, help="skip and count malformed records instead of stopping")
+    max_grad_norm: float = option(1.0, min=0.0, help="gradient clipping norm (LLaVA's HF Trainer default; 0: off)")
+    workers: int | None = option(None, min=0, help="data-loader workers per process (None: up to 4, fewer on small machines)")
+    log_every_steps: int = option(1, min=1, help="optimizer steps between metric log lines (LLaVA logs every step)")
+    keep_checkpoints: int = option(2, min=1, help="checkpoints kept on disk (older ones rotate out)")
     pretrain: PhaseConfig = field(default_factory=_pretrain)
     finetune: PhaseConfig = field(default_factory=_finetune)
 

@@ -4,6 +4,9 @@
   colour), then the model's own image processor (resize, crop, normalise), so training sees what
   inference sees. A processor with `do_pad=True` (LlavaImageProcessor) pads the same way, so the
   padding here is then a no-op; with a processor that does not pad, inference will not pad either.
+  Decoding is pipeline.images' `decode_image` with LLaVA's alpha handling (`convert("RGB")` drops it);
+  16/32-bit grey images are rescaled to 8 bits. A missing, undecodable or oversized file raises
+  `ImageError` (a ValueError) naming the file.
 - `LlavaDataset`: one record -> input_ids / labels (`tokenize_and_mask` with the phase template, the
   image token expanded to the tower's feature count, truncated at model_max_length), plus the image's
   pixel values, or its cached tower features (`features=`), or nothing for a text-only record.
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from pipeline.images import MAX_PIXELS, ImageDecodeError, decode_image
 from pipeline.io import InputError
 from stage2_llava.llava_json import Record
 from stage2_llava.preprocess import IGNORE_INDEX, expand_image_tokens, tokenize_and_mask
@@ -53,6 +57,10 @@ def pad_color(image_processor) -> tuple[int, int, int]:
     return tuple(int(x * 255) for x in image_processor.image_mean)
 
 
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file, the problem and what was expected."""
+
+
 class ImageLoader:
     """Path relative to `image_folder` -> normalised [3, H, W] float tensor, as the model's processor makes it."""
 
@@ -67,8 +75,13 @@ class ImageLoader:
         return os.path.join(self.folder, rel)
 
     def open(self, rel: str) -> Image.Image:
-        with Image.open(self.path(rel)) as im:
-            return expand2square(im.convert("RGB"), self.background)
+        try:
+            rgb = decode_image(self.path(rel), composite_alpha=False)
+        except FileNotFoundError:
+            raise ImageError(f"image file {rel!r} not found in {self.folder}, expected an existing file") from None
+        except ImageDecodeError as e:
+            raise ImageError(f"image {rel!r}: {e}; expected a decodable image of at most {MAX_PIXELS} pixels") from None
+        return expand2square(rgb, self.background)
 
     def __call__(self, rel: str) -> torch.Tensor:
         return self.processor(images=self.open(rel), return_tensors="pt")["pixel_values"][0]

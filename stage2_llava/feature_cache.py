@@ -37,7 +37,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from pipeline.io import InputError, atomic_write_json, save_safetensors, sha256_file
-from stage2_llava.data import ImageLoader
+from stage2_llava.data import ImageError, ImageLoader
 from stage2_llava.llava_json import Record
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,11 @@ class FeatureCache:
         rels = sorted({r.image for r in records if r.has_image})
         paths = [os.path.abspath(os.path.join(image_folder, r)) for r in rels]
         new = [p for p in paths if p not in self._file_hashes]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            self._file_hashes.update(zip(new, pool.map(sha256_file, new), strict=True))
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                self._file_hashes.update(zip(new, pool.map(sha256_file, new), strict=True))
+        except OSError as e:  # removed or unreadable since the JSON was validated
+            raise ImageError(f"image file {e.filename}: cannot read ({e.strerror}), expected an existing file") from None
         return {rel: self._file_hashes[p] for rel, p in zip(rels, paths, strict=True)}
 
     def _autocast(self, device: torch.device):
@@ -166,7 +169,8 @@ class FeatureCache:
                 ok.append(rel)
             except (OSError, ValueError) as e:
                 if not skip_bad:
-                    raise InputError(f"stage-2 feature cache: record {ids[rel]}: image {rel!r}: {e}") from None
+                    what = e if isinstance(e, ImageError) else f"image {rel!r}: {e}"  # ImageError names the image
+                    raise InputError(f"stage-2 feature cache: record {ids[rel]}: {what}") from None
                 bad += 1
         if not ok:
             return ok, None, bad

@@ -24,7 +24,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.io import InputError, read_json
+from pipeline.io import InputError, path_escape, read_json
 from stage2_llava.conversation import DEFAULT_IMAGE_TOKEN, GPT, HUMAN
 
 log = logging.getLogger(__name__)
@@ -120,12 +120,10 @@ def _check_image(rec: dict, image_folder: str | None) -> str | None:
                    "a relative path string (one image per sample)")
     if image_folder is None:
         raise _Bad("the sample has an image but no image folder was given", "an image folder")
-    if os.path.isabs(image) or os.path.splitdrive(image)[0]:
-        raise _Bad(f"'image' {_show(image)} is an absolute path", "a path relative to the image folder")
-    norm = os.path.normpath(image)
-    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
-        raise _Bad(f"'image' {_show(image)} leaves the image folder", "a path inside the image folder")
-    if not os.path.isfile(os.path.join(image_folder, norm)):
+    escape = path_escape(image)
+    if escape:
+        raise _Bad(f"'image' {_show(image)} {escape}", "a path inside the image folder")
+    if not os.path.isfile(os.path.join(image_folder, os.path.normpath(image))):
         raise _Bad(f"image file {_show(image)} not found in {image_folder}", "an existing file")
     return image
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline.io import InputError, read_json
+from pipeline.io import InputError, read_json, require_safetensors
 from stage2_llava.projectors import PROJECTORS, build_projector, projector_builder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,6 +49,7 @@ def _from_pretrained(cls, path: Path, **kwargs):
     """
     from transformers.utils import logging as hf_logging
 
+    require_safetensors(path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

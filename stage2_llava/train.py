@@ -11,7 +11,7 @@ count, passed to the model as `num_items_in_batch`), so 1 process and N processe
 micro-batches, give the same gradient. (LLaVA's 2023 HF Trainer averaged per-micro-batch means.)
 
 Optimiser: AdamW (betas 0.9/0.999, eps 1e-8; weight decay on matrices only, 0 by default), gradient
-clipping at 1.0 (HF Trainer's default, which LLaVA's scripts keep), linear warm-up over
+clipping at `stage2.max_grad_norm` (1.0: HF Trainer's default, which LLaVA's scripts keep), linear warm-up over
 ceil(warmup_ratio x steps) then cosine to 0 (transformers' get_cosine_schedule_with_warmup).
 
 Runtime: accelerate `Accelerator(gradient_accumulation_steps=...)`; `deepspeed: zero2|zero3` adds a
@@ -41,7 +41,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+from pipeline.disk import require_free, tensor_bytes, tree_bytes
+from pipeline.faults import failpoint
 from pipeline.io import InputError, RunStopped, atomic_write_json, seed_everything
 from pipeline.metrics_log import MetricLogger
 from stage2_llava.assemble import build_llava, load_llava, num_image_tokens, save_llava, set_trainable, supervised_loss
@@ -53,7 +55,7 @@ from stage2_llava.preprocess import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 PHASES = ("pretrain", "finetune")
-MAX_GRAD_NORM = 1.0
+TOKENIZER_FILES_BYTES = 8 << 20  # tokenizer.json + processor files: 3.5 MB measured for a 32k LLaMA vocabulary
 
 
 class NonFiniteLoss(RunStopped):
@@ -82,7 +84,8 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
 
 
-def deepspeed_config(stage: int, *, per_device: int, accum: int, world: int, bf16: bool, hidden_size: int) -> dict:
+def deepspeed_config(stage: int, *, per_device: int, accum: int, world: int, bf16: bool, hidden_size: int,
+                     max_grad_norm: float = 1.0) -> dict:
     """LLaVA's scripts/zero{2,3}.json with the "auto" values filled as HF Trainer fills them."""
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
             "reduce_bucket_size": hidden_size * hidden_size}
@@ -92,7 +95,7 @@ def deepspeed_config(stage: int, *, per_device: int, accum: int, world: int, bf1
                     stage3_max_reuse_distance=1e9, stage3_gather_16bit_weights_on_model_save=True)
     return {"fp16": {"enabled": False}, "bf16": {"enabled": bf16}, "train_micro_batch_size_per_gpu": per_device,
             "train_batch_size": per_device * accum * world, "gradient_accumulation_steps": accum,
-            "gradient_clipping": MAX_GRAD_NORM, "zero_optimization": zero}
+            "gradient_clipping": max_grad_norm, "zero_optimization": zero}
 
 
 def _single_process_env() -> None:
@@ -109,7 +112,7 @@ def _single_process_env() -> None:
 
 
 def make_accelerator(deepspeed: str, *, per_device: int, accum: int, world: int, bf16: bool, hidden_size: int,
-                     find_unused: bool):
+                     find_unused: bool, max_grad_norm: float = 1.0):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
@@ -122,7 +125,7 @@ def make_accelerator(deepspeed: str, *, per_device: int, accum: int, world: int,
             raise InputError(f"stage2 deepspeed={deepspeed} runs in one process on CPU (accelerate and DeepSpeed "
                              "disagree on the world size there), expected deepspeed=none or nproc=1")
         ds = deepspeed_config(stage, per_device=per_device, accum=accum, world=world, bf16=bf16,
-                              hidden_size=hidden_size)
+                              hidden_size=hidden_size, max_grad_norm=max_grad_norm)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False,
                                                      zero3_save_16bit_model=True)
     else:
@@ -274,6 +277,19 @@ def _save_final(model: nn.Module, processor, out: Path, deepspeed: str, is_main:
         save_llava(model, processor, str(out))
 
 
+def disk_need(model: nn.Module, cfg, ph, records, num_tokens: int) -> dict[str, int]:
+    """Peak bytes a phase writes: keep+1 checkpoints, the HF model directory and (opt-in) the feature cache."""
+    trainable = tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    moments = 2 * trainable if ph.deepspeed == "none" else 0  # DeepSpeed's moments are not checkpointed (docstring)
+    need = {f"{cfg.keep_checkpoints + 1} checkpoints": (cfg.keep_checkpoints + 1) * (trainable + moments + OVERHEAD_BYTES),
+            "HF model directory": tensor_bytes(model.state_dict().values()) + TOKENIZER_FILES_BYTES}
+    if cfg.feature_cache:
+        width = model.config.vision_config.hidden_size
+        per_image = num_tokens * width * (2 if use_bf16(cfg.precision) else 4)
+        need["feature cache (upper bound)"] = per_image * sum(r.has_image for r in records)
+    return need
+
+
 def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
@@ -284,11 +300,13 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
 def _workers(num_workers: int | None, world: int) -> int:
     if num_workers is not None:
         return num_workers
+    # Auto: leave a core per process for the training step itself.
     return max(0, min(4, (os.cpu_count() or 1) // world - 1))
 
 
 def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, phase: str, cfg, ph, accum: int,
-                out_dir: str | os.PathLike, counts: dict, num_workers: int | None = None) -> dict:
+                out_dir: str | os.PathLike, counts: dict, num_workers: int | None = None,
+                disk_estimate: dict | None = None) -> dict:
     """The loop: `model` (trainable parameters already chosen) trained on `data` into `out_dir` (module docstring)."""
     out_dir, ds = Path(out_dir), ph.deepspeed
     ckpt_dir = out_dir / "checkpoints"
@@ -298,6 +316,8 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
     optimizer = _optimizer(model, ph.lr, ph.weight_decay)
     step = epoch = step_in_epoch = 0
     counters = {"bad_samples": 0, "mismatch_samples": 0}
+    if is_main:
+        sweep_partial(ckpt_dir)
     ck = latest_checkpoint(ckpt_dir)
     if ck is not None:
         state = _restore(model, optimizer, ck, with_optimizer=ds == "none")
@@ -321,7 +341,7 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
         for name, c in trainable.items():
             log.info("stage2 %s: %s trains %d of %d parameters", phase, name, c["trainable"], c["total"])
     collator = Collator(processor.tokenizer.pad_token_id)
-    workers = _workers(num_workers, world)
+    workers = _workers(cfg.workers if num_workers is None else num_workers, world)
 
     def checkpoint():
         tensors = _trainable_state(model, ds)
@@ -329,7 +349,7 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
             save_checkpoint(ckpt_dir, step, tensors, optimizer if ds == "none" else None, {
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "counters": counters, "phase": phase,
                 "world_size": world, "global_batch": global_batch, "total_steps": total,
-            })
+            }, keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total, initial=step, desc=f"stage2 {phase}", disable=not is_main, dynamic_ncols=True)
@@ -352,9 +372,10 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"stage2 {phase} step {step + 1}: non-finite loss {float(loss)}; stopped, "
                                     f"last good checkpoint kept: {latest_checkpoint(ckpt_dir)}")
-            grad_norm = accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             opt.step()  # a no-op under DeepSpeed, whose engine stepped inside the last backward
             opt.zero_grad(set_to_none=True)
+            failpoint("train.step")
             local = torch.tensor([sum(float(m["attention_mask"].sum()) for m in micro), sum(len(m["index"]) for m in micro),
                                   sum(m["n_bad"] for m in micro), sum(m["n_mismatch"] for m in micro)],
                                  device=accelerator.device)
@@ -365,7 +386,7 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
                         "mismatch_samples": counters["mismatch_samples"] + int(mismatch)}
             step, step_in_epoch = step + 1, step_in_epoch + 1
             bar.update(1)
-            if is_main:
+            if is_main and (step % cfg.log_every_steps == 0 or step == total):
                 logger.log(step, {"loss": float(loss), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                                   "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "epoch": epoch, **counters})
                 bar.set_postfix(loss=f"{float(loss):.4f}")
@@ -382,6 +403,7 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
         "world_size": world, "per_device_batch_size": ph.per_device_batch_size, "accumulation_steps": accum,
         "global_batch_size": global_batch, "steps_per_epoch": per_epoch, "trainable": trainable,
         "skipped_records": data.skipped_records, **counters, "feature_cache": data.cache, "deepspeed": ds,
+        "disk_estimate": disk_estimate,
     }
     _save_final(model, processor, out_dir / "hf", ds, is_main)
     if is_main:
@@ -400,7 +422,7 @@ def run_phase(phase: str, cfg, *, init_dir_or_sources=None, data_json: str | Non
     init_dir_or_sources: pretrain: (vision_tower, language_model), or None for cfg's; finetune: the pretrain
     phase's out_dir (or its hf/). data_json / image_folder default to the phase config's. cache_dir: root of
     the feature cache (default out_dir/../feature_cache, shared by sibling phase directories). num_workers:
-    DataLoader workers (default: up to 4, fewer on small machines). lm_cache_dir / demo_texts: for a
+    DataLoader workers (default: `cfg.workers`). lm_cache_dir / demo_texts: for a
     registered demo LM (pretrain only): where it is built and cached (default out_dir/../language_models)
     and the text it learns (default: this phase's records as vicuna_v1 prompts).
     """
@@ -428,16 +450,21 @@ def run_phase(phase: str, cfg, *, init_dir_or_sources=None, data_json: str | Non
     model, processor = _init_model(phase, cfg, init_dir_or_sources, demo_texts=demo_texts,
                                    lm_cache_dir=lm_cache_dir or out_dir.parent / "language_models")
     counts = set_trainable(model, "finetune" if ph.train_lm else "pretrain")
+    cache_dir = Path(cache_dir or out_dir.parent / "feature_cache")
+    need = disk_need(model, cfg, ph, records, num_image_tokens(model))
+    cached = min(tree_bytes(cache_dir), need.get("feature cache (upper bound)", 0))
+    disk = require_free(out_dir, f"stage 2 {phase}", need, present=tree_bytes(out_dir) + cached)
     accelerator = make_accelerator(ph.deepspeed, per_device=ph.per_device_batch_size, accum=accum, world=world,
                                    bf16=bf16, hidden_size=model.config.text_config.hidden_size,
-                                   find_unused=any(not r.has_image for r in records))
+                                   find_unused=any(not r.has_image for r in records),
+                                   max_grad_norm=cfg.max_grad_norm)
     model.to(accelerator.device)  # the feature cache runs the tower before accelerate places the model
     try:
         data = phase_data(cfg, ph, model, processor, records, skipped, image_folder,
                           num_image_tokens=num_image_tokens(model),
-                          cache_dir=cache_dir or out_dir.parent / "feature_cache", accelerator=accelerator, bf16=bf16)
+                          cache_dir=cache_dir, accelerator=accelerator, bf16=bf16)
         return train_model(model, processor, data, accelerator, phase=phase, cfg=cfg, ph=ph, accum=accum,
-                           out_dir=out_dir, counts=counts, num_workers=num_workers)
+                           out_dir=out_dir, counts=counts, num_workers=num_workers, disk_estimate=disk)
     finally:
         _release(accelerator)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import signal
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +56,22 @@ def write_csv(out: Path, n: int = 64, seed: int = 0) -> str:
         lines.append(f"{i:04d}.png,A {c} {sh}. It sits on gray.")
     (out / "train.csv").write_text("\n".join(lines) + "\n")
     return str(out / "train.csv")
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, min_step: int, timeout: float = 120) -> int:
+    """SIGKILL `proc` once a checkpoint of step >= min_step exists in ckpt_dir; returns the newest step left."""
+    from pipeline.checkpoint import latest_checkpoint
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ck = latest_checkpoint(ckpt_dir)
+        if ck is not None and int(ck.name.split("_")[1]) >= min_step:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ck = latest_checkpoint(ckpt_dir)
+    return int(ck.name.split("_")[1]) if ck is not None else 0
 
 
 @pytest.fixture(scope="session")

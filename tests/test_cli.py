@@ -90,3 +90,23 @@ def test_corrupt_manifest_is_one_line_input_error(tmp_path):
     with pytest.raises(InputError) as e:
         rd.manifest()
     assert "manifest.json" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["yaml", "unknown", "type", "range"])
+def test_bad_config_exits_2_in_one_line_and_keeps_the_run_dir(tmp_path, capsys, bad):
+    """A rejected config (bad YAML, unknown key, wrong type, out of range) changes nothing in an existing run dir."""
+    rd = tmp_path / "run"
+    assert main(["stage2", "pretrain", "--config", "tiny", "--run-dir", str(rd), "stage1.epochs=3"]) == EXIT_INPUT
+    before = {str(p.relative_to(rd)): p.read_bytes() for p in rd.rglob("*") if p.is_file()}
+    assert "config.yaml" in before
+    capsys.readouterr()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stage1: [unclosed\n")
+    args = {"yaml": ["--config", str(broken)], "unknown": ["stage1.epochz=4"], "type": ["stage1.epochs=many"],
+            "range": ["stage1.batch_size=0"]}[bad]
+    assert main(["stage2", "pretrain", "--run-dir", str(rd), *args]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ito-mllm: config error: ")
+    assert {"yaml": f"{broken}: not valid YAML", "unknown": "stage1.epochz: unknown key",
+            "type": "stage1.epochs: expected an integer", "range": "stage1.batch_size: must be >= 1"}[bad] in err
+    assert {str(p.relative_to(rd)): p.read_bytes() for p in rd.rglob("*") if p.is_file()} == before

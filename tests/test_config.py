@@ -105,6 +105,52 @@ def test_bad_config_files(tmp_path):
         load_config(str(loop))
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("base: tiny\nstage1:\n  nonsense: 1\n", "stage1.nonsense: unknown key (allowed at stage1: "),
+        ("base: tiny\nstage2:\n  pretrain:\n    lrr: 0.1\n", "stage2.pretrain.lrr: unknown key"),
+        ("base: tiny\nstage1:\n  batch_size: abc\n", "stage1.batch_size: expected an integer, got 'abc'"),
+        ("base: tiny\nstage1:\n  batch_size: 2.5\n", "stage1.batch_size: expected an integer, got 2.5"),
+        ("base: tiny\neval:\n  tasks: {pope: 1}\n", "eval.tasks: expected list of str, got {'pope': 1}"),
+        ("base: tiny\nstage1: 5\n", "stage1: expected a mapping, got 5"),
+        ("base: tiny\nstage1:\n  lr: -1\n", "stage1.lr: must be >= 0.0, got -1"),
+        ("base: tiny\ndata:\n  image_size: 8\n", "data.image_size: must be >= 16, got 8"),
+        ("base: 3\n", "mine.yaml: base: expected a preset name or YAML path, got 3"),
+    ],
+)
+def test_bad_yaml_file_values_are_one_line_and_name_the_key(tmp_path, text, expected):
+    """The same checks as for KEY=VALUE overrides, for keys written in a YAML file."""
+    f = tmp_path / "mine.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["stage1: [unclosed\n", "stage1:\n\tepochs: 3\n", "stage1:\n  epochs: 3\n lr: 1\n", "a: b: c\n", "{\n"],
+    ids=["unclosed", "tab", "indent", "nested-colon", "unclosed-brace"],
+)
+def test_bad_yaml_syntax_is_one_line_naming_the_file(tmp_path, text):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    msg = str(e.value)
+    assert msg.startswith(f"{bad}: not valid YAML (") and "\n" not in msg, msg
+
+
+def test_non_utf8_yaml_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    assert str(e.value).startswith(f"{bad}: not UTF-8 text") and "\n" not in str(e.value)
+
+
 def test_dump_roundtrip_and_hash():
     cfg = load_config("demo", ["stage1.method=ito"])
     again = from_dict(yaml.safe_load(dump_yaml(cfg)))

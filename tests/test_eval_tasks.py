@@ -372,5 +372,8 @@ def test_runner_rejects_bad_model_dir_and_batch_size(tmp_path):
     with pytest.raises(InputError, match="config.json missing"):
         run_lmms_eval(tmp_path, ["demo"], tmp_path / "out")
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="no model.safetensors"):
+        run_lmms_eval(tmp_path, ["demo"], tmp_path / "out")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="eval.batch_size"):
         run_lmms_eval(tmp_path, ["demo"], tmp_path / "out", batch_size=4)

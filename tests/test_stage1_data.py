@@ -2,12 +2,14 @@
 
 import io
 import random
+import re
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bad_images import bomb_png, broken_png, truncated_png
 from PIL import Image
 
 from pipeline.io import InputError
@@ -196,6 +198,85 @@ def test_csv_errors(tmp_path, tokenizer):
     assert "line5" not in {k for b in batches for k in b["keys"]}
 
 
+def test_csv_bad_rows_are_skipped_and_counted(tmp_path, tokenizer):
+    """Missing/empty image path, unreadable image, empty and non-UTF-8 captions in a CSV: counted skips naming
+    CSV:line and the reason; the good rows all train; with max_bad_fraction=0 the first one stops with one line."""
+    (tmp_path / "img").mkdir()
+    for i in range(7):
+        (tmp_path / "img" / f"{i}.png").write_bytes(_image_bytes(i, "PNG"))
+    (tmp_path / "img" / "broken.png").write_bytes(truncated_png())
+    rows = [b"filepath,caption"] + [b"img/%d.png,photo %d. a test image" % (i, i) for i in range(6)]
+    bad = {  # line number -> reason
+        8: (b"img/nope.png,a photo whose file is gone", "cannot read image file"),
+        9: (b"img/6.png,", "empty caption"),
+        10: (b"img/6.png,   ", "empty caption"),
+        11: ("img/6.png,café crème".encode("latin-1"), "caption not valid UTF-8"),
+        12: (b"img/broken.png,half a png", "not a readable image: OSError"),
+        13: (b",a caption without a file", "empty filepath"),
+    }
+    rows += [line for line, _ in bad.values()]
+    src = tmp_path / "train.csv"
+    src.write_bytes(b"\n".join(rows) + b"\n")
+    loader = _loader(str(src), tokenizer, batch_size_per_rank=4, max_bad_fraction=1.0)
+    batches = list(loader)  # 12 rows -> 3 full batches; every bad slot refilled from good rows
+    assert len(batches) == 3 and all(b["images"].shape[0] == 4 and len(b["keys"]) == 4 for b in batches)
+    keys = {k for b in batches for k in b["keys"]}
+    assert keys == {f"line{n}" for n in range(2, 8)}  # every good row kept, no bad one
+    descs = {int(d.split(":line ")[1].split(" ")[0]): d for b in batches for d in b["bad_samples"]}
+    assert set(descs) == set(bad)
+    for line, (_, why) in bad.items():
+        assert descs[line].startswith(f"{src}:line {line} (") and why in descs[line] and "\n" not in descs[line]
+    assert loader.counters.bad == sum(b["bad"] for b in batches) >= len(bad)
+    with pytest.raises(InputError) as info:
+        list(_loader(str(src), tokenizer, batch_size_per_rank=4, max_bad_fraction=0.0))
+    msg = str(info.value)
+    assert "\n" not in msg and re.search(rf"max_bad_fraction=0%: first bad: {re.escape(str(src))}:line \d+ \(", msg), msg
+
+
+def test_truncated_images_stay_bad_after_lmms_eval_relaxes_pil(monkeypatch):
+    """lmms-eval sets PIL's global LOAD_TRUNCATED_IMAGES on import; our decoder stays strict and restores it."""
+    from PIL import ImageFile
+
+    from pipeline.images import ImageDecodeError, decode_image
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    for data in (truncated_png(), _image_bytes(1)[:-200]):
+        with pytest.raises(ImageDecodeError, match="not a readable image: OSError"):
+            decode_image(data)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_csv_image_paths_stay_inside_the_image_root(tmp_path, tokenizer):
+    """Relative paths that climb out and absolute paths outside the root are bad samples; `image_root` admits
+    absolute paths inside it (open_clip CSVs often hold absolute paths)."""
+    root, outside = tmp_path / "data", tmp_path / "secret"
+    (root / "img").mkdir(parents=True)
+    outside.mkdir()
+    for i in range(4):
+        (root / "img" / f"{i}.png").write_bytes(_image_bytes(i, "PNG"))
+    (outside / "x.png").write_bytes(_image_bytes(9, "PNG"))
+    rows = ["filepath,caption"] + [f"img/{i}.png,photo {i}." for i in range(3)] + [
+        f"{root / 'img' / '3.png'},absolute inside the root",
+        "../secret/x.png,climbs out",
+        "img/../../secret/x.png,climbs out after a detour",
+        f"{outside / 'x.png'},absolute outside",
+    ]
+    src = root / "train.csv"
+    src.write_text("\n".join(rows) + "\n")
+    batches = list(_loader(str(src), tokenizer, batch_size_per_rank=7, max_bad_fraction=1.0))
+    keys = {k for b in batches for k in b["keys"]}
+    assert keys == {f"line{n}" for n in range(2, 6)}  # the absolute path inside the root is fine
+    reasons = {int(d.split(":line ")[1].split(" ")[0]): d for b in batches for d in b["bad_samples"]}  # line -> why
+    assert sorted(reasons) == [6, 7, 8]
+    assert "leaves the image folder" in reasons[6] and "leaves the image folder" in reasons[7]
+    assert f"is outside the image root {root})" in reasons[8]
+    # with the image root one level up the absolute paths are admitted, relative ones resolve against it
+    batches = list(_loader(str(src), tokenizer, batch_size_per_rank=7, max_bad_fraction=1.0, image_root=str(tmp_path)))
+    assert {k for b in batches for k in b["keys"]} == {"line5", "line8"}
+    with pytest.raises(InputError, match=r"stage1\.image_root: .*nope is not a folder"):
+        list(_loader(str(src), tokenizer, batch_size_per_rank=7, image_root=str(tmp_path / "nope")))
+
+
 def _mode_png(mode: str) -> bytes:
     buf = io.BytesIO()
     if mode == "I;16":
@@ -222,6 +303,10 @@ def _bad_shard(tmp_path: Path) -> tuple[str, dict[str, str]]:
         "emptycap": "empty caption",
         "latin1": "caption not valid UTF-8",
         "huge": "image too large: 9000x9000",
+        "truncpng": "not a readable image: OSError",
+        "brokenpng": "not a readable image: SyntaxError",  # PIL's SyntaxError, not an OSError
+        "bomb": "image too large (Image size (400000000 pixels) exceeds limit",  # PIL's DecompressionBombError
+        "noimage": "no image member (.jpg/.jpeg/.png/.webp)",
     }
     members += [("corrupt.jpg", jpeg[: len(jpeg) // 2]), ("corrupt.txt", b"half a jpeg")]
     members += [("notimage.jpg", b"this is not an image at all"), ("notimage.txt", b"text")]
@@ -229,14 +314,18 @@ def _bad_shard(tmp_path: Path) -> tuple[str, dict[str, str]]:
     members += [("emptycap.jpg", jpeg), ("emptycap.txt", b"  \n")]
     members += [("latin1.jpg", jpeg), ("latin1.txt", "caf\u00e9 cr\u00e8me".encode("latin-1"))]
     members += [("huge.png", huge.getvalue()), ("huge.txt", b"a huge blank image")]
+    members += [("truncpng.png", truncated_png()), ("truncpng.txt", b"half a png")]
+    members += [("brokenpng.png", broken_png()), ("brokenpng.txt", b"a png with a bad chunk length")]
+    members += [("bomb.png", bomb_png()), ("bomb.txt", b"a 400 Mpx header")]
+    members += [("noimage.txt", b"a caption without its image"), ("noimage.json", b"{}")]
     return str(_write_tar(tmp_path / "bad.tar", members)), bad
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer):
-    src, bad = _bad_shard(tmp_path)  # 6 good + 4 odd modes + 6 bad = 16 samples
+    src, bad = _bad_shard(tmp_path)  # 6 good + 4 odd modes + 10 bad = 20 samples
     loader = _loader(src, tokenizer, max_bad_fraction=1.0)
     batches = list(loader)
-    assert len(batches) == 4 and all(b["images"].shape == (4, 2, 3, SIZE, SIZE) for b in batches)
+    assert len(batches) == 5 and all(b["images"].shape == (4, 2, 3, SIZE, SIZE) for b in batches)
     keys = {k for b in batches for k in b["keys"]}
     assert {"gray", "rgba", "palette", "grey16"} <= keys and not keys & set(bad)
     reasons = {}
@@ -249,7 +338,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer):
     for key, why in bad.items():
         assert why in reasons[key], reasons[key]
     c = loader.counters
-    assert c.bad == sum(b["bad"] for b in batches) >= 6 and c.seen == 16 + c.bad
+    assert c.bad == sum(b["bad"] for b in batches) >= len(bad) and c.seen == 20 + c.bad
+    assert all("\n" not in d for b in batches for d in b["bad_samples"])
     assert all(torch.isfinite(b["images"]).all() for b in batches)
 
 
@@ -258,8 +348,9 @@ def test_max_bad_fraction_raises(tmp_path, tokenizer):
     with pytest.raises(
         InputError,
         match=r"^stage1\.train_data: \d+ of \d+ samples \(.*%\) unreadable, more than max_bad_fraction=10%: first bad: .*bad\.tar:\w+ \(",
-    ):
+    ) as info:
         list(_loader(src, tokenizer, max_bad_fraction=0.1))
+    assert "\n" not in str(info.value)
     loader = _loader(src, tokenizer, max_bad_fraction=0.0)  # 0: the first bad sample stops the run
     got = []
     with pytest.raises(InputError, match="max_bad_fraction=0%"):
@@ -295,6 +386,7 @@ def test_truncated_and_broken_tars(tmp_path, tokenizer):
     assert any("boundary.tar:<end of shard> (truncated" in d for d in descs)
     assert any("junk.tar:<end of shard> (truncated or corrupt tar" in d for d in descs)
     assert {k for b in batches for k in b["keys"]} <= {f"{i:09d}" for i in range(6)}
+    assert loader.counters.bad == len(descs) >= 3 and loader.counters.seen == 15 + loader.counters.bad
 
 
 def test_resampled_shards(shards, tokenizer):

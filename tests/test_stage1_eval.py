@@ -175,6 +175,8 @@ def test_several_captions_share_an_image(tmp_path):
     ("bad", "message"),
     [
         ('{"image": "img/missing.png", "caption": "x", "label": "red"}', "field 'image': file .*missing.png not found"),
+        ('{"image": "../img/red_0.png", "caption": "x", "label": "red"}', "field 'image': '../img/red_0.png' leaves the image folder, expected a path inside"),
+        ('{"image": "/etc/hostname", "caption": "x", "label": "red"}', "field 'image': '/etc/hostname' is an absolute path"),
         ('{"image": "img/red_0.png", "caption": ', "not valid JSON"),
         ('{"image": "img/red_0.png", "label": "red"}', "field 'caption': expected a non-empty string"),
         ('{"image": "notes.txt", "caption": "x", "label": "red"}', "not a readable image"),

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import kill_after_checkpoint
 
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import load_config
@@ -62,15 +60,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(shards, tmp_path)
     ref = train(_cfg(*over), shards, None, tmp_path / "ref")
     assert ref["steps"] == 12
     proc = _launch_killable(shards, tmp_path / "killed", over)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once a mid-epoch checkpoint exists
-        ck = latest_checkpoint(tmp_path / "killed" / "checkpoints")
-        if ck is not None and int(ck.name.split("_")[1]) >= 3:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = int(latest_checkpoint(tmp_path / "killed" / "checkpoints").name.split("_")[1])
+    killed_at = kill_after_checkpoint(proc, tmp_path / "killed" / "checkpoints", min_step=3)  # mid-epoch
     assert 3 <= killed_at < 12, killed_at
     resumed = train(_cfg(*over), shards, None, tmp_path / "killed")
     assert resumed["steps"] == 12

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shutil
 
 import pytest
 import torch
+from bad_images import bomb_png, broken_png
 from test_stage2_data import NUM_IMAGE_TOKENS, make_dataset, tiny_llava, write_llava_data
 
+from pipeline.io import InputError
 from stage2_llava.data import Collator
 from stage2_llava.feature_cache import FeatureCache, select_features
 from stage2_llava.llava_json import load_llava_json
@@ -103,3 +107,29 @@ def test_partial_build_resumes_and_shares_identical_images(tiny, tmp_path):
     rec = [type(records[0])(id="c", image="x.png", conversations=records[0].conversations)]
     assert again.build(rec, str(copy_dir), progress=False)["computed"] == 0
     assert torch.equal(again.table(rec, str(copy_dir))("x.png"), again.table(records, str(folder))("img3.png"))
+
+
+def test_bad_images_fail_the_build_in_one_line_or_are_skipped_and_counted(tiny, tmp_path):
+    """The cache's image loading meets a broken PNG (PIL SyntaxError) and a decompression-bomb header: one-line
+    error naming the record and file, or (skip_bad) counted, left out of the table and skipped by the dataset."""
+    model, proc, pre, _, folder, _ = tiny
+    imgs = tmp_path / "imgs"
+    shutil.copytree(folder, imgs)
+    (imgs / "img1.png").write_bytes(broken_png())
+    (imgs / "img4.png").write_bytes(bomb_png())
+    records, _ = load_llava_json(pre, imgs)
+    with pytest.raises(InputError) as info:
+        FeatureCache(tmp_path / "strict", model, proc.image_processor).build(records, str(imgs), progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert re.match(r"stage-2 feature cache: record p1: image 'img1\.png': not a readable image: SyntaxError: broken PNG file", msg), msg
+    cache = FeatureCache(tmp_path / "lenient", model, proc.image_processor)
+    assert cache.build(records, str(imgs), skip_bad=True, progress=False) == {"cached": 0, "computed": 4, "bad": 2}
+    table = cache.table(records, str(imgs))
+    assert "img1.png" not in table and "img4.png" not in table and "img0.png" in table
+    ds = make_dataset(model, proc, pre, imgs, "plain", features=table, skip_bad=True)
+    it = ds[1]
+    assert it["index"] == 2 and it["n_bad"] == 1 and it["image_features"].shape == (NUM_IMAGE_TOKENS, 32)
+    strict = make_dataset(model, proc, pre, imgs, "plain", features=table)
+    with pytest.raises(InputError, match=r"^stage-2 data: record p4 \(index 4\): image 'img4\.png': no cached features"):
+        strict[4]

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from bad_images import bomb_png, broken_png, encode, mode_images, noise, truncated_jpeg, truncated_png
 from PIL import Image
 
 from pipeline.io import InputError
@@ -204,6 +207,105 @@ def test_bad_records_raise_or_are_skipped_and_counted(tiny, tmp_path):
     assert it["index"] == 3 and it["n_bad"] == 1 and it["n_mismatch"] == 1
     batch = Collator(proc.tokenizer.pad_token_id)([lenient[0], it])
     assert batch["n_bad"] == 1 and batch["n_mismatch"] == 1 and batch["index"].tolist() == [0, 3]
+
+
+# ------------------------------------------------------------------- bad image files at training time
+
+# file name -> (bytes builder, or None for a file deleted after validation; what the one-line message says)
+EXPECTED = r"; expected a decodable image of at most \d+ pixels$"
+BAD_IMAGES = {
+    "trunc.jpg": (truncated_jpeg, r"image 'trunc\.jpg': not a readable image: OSError: .+" + EXPECTED),
+    "trunc.png": (truncated_png, r"image 'trunc\.png': not a readable image: OSError: .+" + EXPECTED),
+    "broken.png": (broken_png, r"image 'broken\.png': not a readable image: SyntaxError: broken PNG file.*" + EXPECTED),
+    "text.jpg": (lambda: b"not an image", r"image 'text\.jpg': not a readable image: UnidentifiedImageError: .+" + EXPECTED),
+    "bomb.png": (bomb_png, r"image 'bomb\.png': image too large \(Image size \(400000000 pixels\) exceeds .+\)" + EXPECTED),
+    "gone.png": (None, r"image file 'gone\.png' not found in .+imgs, expected an existing file"),
+}
+
+
+def _bad_image_json(tmp_path: Path, name: str, make) -> tuple[Path, Path]:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "ok0.png").write_bytes(encode(noise(0, 40)))
+    (folder / "ok2.png").write_bytes(encode(noise(2, 40)))
+    (folder / name).write_bytes(make() if make else encode(noise(1, 40)))
+    conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Noise."}]
+    data = [{"id": rid, "image": image, "conversations": conv}
+            for rid, image in (("ok0", "ok0.png"), ("bad", name), ("ok2", "ok2.png"))]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(data))
+    return path, folder
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_bad_image_file_raises_one_line_or_is_skipped_and_counted(tiny, tmp_path, caplog, name):
+    """A record whose image passes JSON validation (the file exists) but cannot be used when the sample is loaded:
+    corrupt JPEG/PNG (PIL's OSError, SyntaxError, UnidentifiedImageError), a decompression-bomb header (PIL's
+    DecompressionBombError), a file deleted after validation."""
+    model, proc, _, _, _ = tiny
+    make, pattern = BAD_IMAGES[name]
+    path, folder = _bad_image_json(tmp_path, name, make)
+    strict = make_dataset(model, proc, path, folder, "plain")
+    lenient = make_dataset(model, proc, path, folder, "plain", skip_bad=True)
+    if make is None:
+        (folder / name).unlink()
+    with pytest.raises(InputError) as info:
+        strict[1]
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("stage-2 data: record bad (index 1): "), msg
+    assert re.search(pattern, msg), msg
+    assert strict[0]["index"] == 0 and strict[2]["index"] == 2  # the good neighbours still load
+    with caplog.at_level(logging.WARNING, logger="stage2_llava.data"):
+        it = lenient[1]
+    assert it["index"] == 2 and it["n_bad"] == 1 and it["n_mismatch"] == 0
+    assert it["pixel_values"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert [r.getMessage() for r in caplog.records] == [f"skipped {msg}"]
+    batch = Collator(proc.tokenizer.pad_token_id)([lenient[0], it])
+    assert batch["n_bad"] == 1 and batch["index"].tolist() == [0, 2] and batch["pixel_values"].shape[0] == 2
+
+
+def test_image_modes_load_as_their_rgb_content(tiny, tmp_path):
+    """Grey, RGBA, palette and 16-bit grey files give the pixels of the 8-bit RGB image they show (PIL's own
+    convert("RGB") turns a 16-bit grey of 40000 into white)."""
+    _, proc, _, _, _ = tiny
+    loader = ImageLoader(proc.image_processor, tmp_path)
+    for i, (mode, (data, rgb)) in enumerate(mode_images().items()):
+        (tmp_path / f"m{i}.png").write_bytes(data)
+        (tmp_path / f"ref{i}.png").write_bytes(encode(rgb))
+        assert Image.open(tmp_path / f"m{i}.png").mode == mode
+        got, want = loader(f"m{i}.png"), loader(f"ref{i}.png")
+        assert got.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert torch.allclose(got, want, atol=1e-6), mode
+
+
+def test_bad_record_stops_the_phase_before_anything_is_written(tmp_path):
+    """Nothing already written is lost: a malformed record mid-file (skip_bad_records=false) stops `run_phase`
+    with one line naming the file and the record before the output directory, or anything beside it, is touched."""
+    from pipeline.config import load_config
+    from stage2_llava.train import run_phase
+
+    pre, _, folder = write_llava_data(tmp_path / "data")
+    records = json.loads(pre.read_text())
+    records.insert(2, {"id": "bad", "image": "img0.png", "conversations": [{"from": "human", "value": "no token"},
+                                                                           {"from": "gpt", "value": "x"}]})
+    bad_json = tmp_path / "data" / "bad.json"
+    bad_json.write_text(json.dumps(records))
+    runs = tmp_path / "runs"
+    out = runs / "pretrain"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "config.json").write_text('{"previous": "run"}')
+    (out / "train_summary.json").write_text('{"steps": 3}')
+
+    def snapshot():
+        return {str(p.relative_to(runs)): (p.read_bytes() if p.is_file() else None) for p in sorted(runs.rglob("*"))}
+
+    before = snapshot()
+    cfg = load_config("tiny", ["stage2.skip_bad_records=false"]).stage2
+    with pytest.raises(InputError) as info:
+        run_phase("pretrain", cfg, data_json=str(bad_json), image_folder=str(folder), out_dir=out)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{bad_json}: record bad (index 2): the first human turn has 0 '<image>'")
+    assert snapshot() == before
 
 
 # -------------------------------------------------------------------------------------- sampler

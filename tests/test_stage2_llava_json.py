@@ -108,6 +108,21 @@ BAD_CASES = {
                       r"record r1 \(index 1\): 'image' 'coco/\.\./\.\./outside\.jpg' leaves the image folder"),
     "missing image": ({"id": "r1", "image": "coco/none.jpg", "conversations": IMG_OK},
                       r"record r1 \(index 1\): image file 'coco/none\.jpg' not found in .*images, expected an existing file"),
+    "id is a bool": ({"id": True, "conversations": IMG_OK}, r"record True \(index 1\): 'id' is a bool, expected a string or integer"),
+    "conversations null": ({"id": "r1", "conversations": None},
+                           r"record r1 \(index 1\): 'conversations' is a null, expected a list of human/gpt turns"),
+    "turn missing from": ({"id": "r1", "conversations": [{"value": "q"}, {"from": "gpt", "value": "x"}]},
+                          r"record r1 \(index 1\): turn 0 has no 'from', expected an object"),
+    "from not string": ({"id": "r1", "conversations": [{"from": 3, "value": "q"}, {"from": "gpt", "value": "x"}]},
+                        r"record r1 \(index 1\): turn 0 'from' is a int, expected a string"),
+    "system role": ({"id": "r1", "conversations": _conv(("system", "be nice"), ("human", "q"), ("gpt", "a"))},
+                    r"record r1 \(index 1\): turn 0 is from 'system', expected \"human\" or \"gpt\""),
+    "image empty string": ({"id": "r1", "image": "", "conversations": IMG_OK},
+                           r"record r1 \(index 1\): 'image' is '', expected a relative path string"),
+    "parent path": ({"id": "r1", "image": "../outside.jpg", "conversations": IMG_OK},
+                    r"record r1 \(index 1\): 'image' '\.\./outside\.jpg' leaves the image folder, expected a path inside"),
+    "image is a folder": ({"id": "r1", "image": "coco", "conversations": IMG_OK},
+                          r"record r1 \(index 1\): image file 'coco' not found in .*images, expected an existing file"),
 }
 
 
@@ -139,6 +154,41 @@ def test_bad_top_level(tmp_path, folder, text, pattern):
     with pytest.raises(InputError, match=pattern) as info:
         load_llava_json(path, folder)
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_non_utf8_file_is_one_line(tmp_path, folder):
+    """A Latin-1 caption makes the whole file undecodable: one line naming the file, skip_bad or not."""
+    path = tmp_path / "latin1.json"
+    text = json.dumps([{"id": "r1", "conversations": _conv(("human", "Name it."), ("gpt", "caf\u00e9"))}],
+                      ensure_ascii=False)
+    path.write_bytes(text.encode("latin-1"))
+    for skip_bad in (False, True):
+        with pytest.raises(InputError) as info:
+            load_llava_json(path, folder, skip_bad=skip_bad)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: not valid UTF-8 JSON (") and "\n" not in msg, msg
+
+
+def test_symlinks_are_followed_by_design(tmp_path, folder):
+    """The containment check is lexical (module docstring): LLaVA setups link dataset folders into the image
+    folder, so a symlink inside it that points outside is accepted; a dangling one is a missing file."""
+    (folder / "linked").symlink_to(tmp_path, target_is_directory=True)
+    (folder / "out.jpg").symlink_to(tmp_path / "outside.jpg")
+    (folder / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    recs = [{"id": "d", "image": "linked/outside.jpg", "conversations": IMG_OK},
+            {"id": "f", "image": "out.jpg", "conversations": IMG_OK}]
+    records, skipped = load_llava_json(_write(tmp_path, recs), folder)
+    assert [r.image for r in records] == ["linked/outside.jpg", "out.jpg"] and skipped == 0
+    # lexically outside stays refused even where a link would lead back in
+    recs = [{"id": "up", "image": "linked/../../outside.jpg", "conversations": IMG_OK},
+            {"id": "dl", "image": "dangling.jpg", "conversations": IMG_OK}]
+    path = _write(tmp_path, recs)
+    with pytest.raises(InputError, match=r"record up \(index 0\): 'image' 'linked/\.\./\.\./outside\.jpg' leaves"):
+        load_llava_json(path, folder)
+    with pytest.raises(InputError, match=r"record dl \(index 0\): image file 'dangling\.jpg' not found in .*images, "
+                                         r"expected an existing file$"):
+        load_llava_json(_write(tmp_path, recs[1:], "dangling.json"), folder)
+    assert load_llava_json(path, folder, skip_bad=True) == ([], 2)
 
 
 def test_missing_file_and_folder(tmp_path, folder):

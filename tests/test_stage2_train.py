@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_after_checkpoint
 from test_stage2_data import write_llava_data
 
 from pipeline.checkpoint import latest_checkpoint
@@ -166,15 +166,7 @@ def test_sigkill_mid_phase_then_resume_gives_identical_weights(world, tmp_path):
     ref = _pretrain(world, tmp_path / "ref", *over)
     assert ref["steps"] == 8
     proc = _launch_killable(world, tmp_path / "killed", over)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once a mid-phase checkpoint exists
-        ck = latest_checkpoint(tmp_path / "killed" / "checkpoints")
-        if ck is not None and int(ck.name.split("_")[1]) >= 3:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = int(latest_checkpoint(tmp_path / "killed" / "checkpoints").name.split("_")[1])
+    killed_at = kill_after_checkpoint(proc, tmp_path / "killed" / "checkpoints", min_step=3)  # mid-phase
     assert 3 <= killed_at < 8, killed_at
     resumed = _pretrain(world, tmp_path / "killed", *over)
     assert resumed["steps"] == 8 and resumed["resumed_from_step"] == killed_at

@@ -1,0 +1,45 @@
+"""Failpoints for fault injection (scripts/fault_inject.py): named spots where a run may be SIGKILLed.
+
+`failpoint(name)` marks a spot inside a training step or a checkpoint/artifact write. It does
+nothing unless the environment asks for it:
+
+- ITO_MLLM_KILL_AT=STEP:NAME:N sends SIGKILL to this process at the Nth hit of NAME while the
+  chain step STEP runs: the same uncatchable signal an OOM killer or a preempted node delivers.
+- ITO_MLLM_FAILPOINT_TRACE=FILE appends "STEP NAME" for every hit, so an uninterrupted run tells
+  the injector where and how often each spot is reached.
+
+The chain step is taken from ITO_MLLM_FAULT_STEP, which `pipeline.chain` sets around each step (an
+environment variable, so launched worker processes inherit it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_KILL_AT = os.environ.get("ITO_MLLM_KILL_AT", "")
+_TRACE = os.environ.get("ITO_MLLM_FAILPOINT_TRACE", "")
+_hits: Counter = Counter()
+
+
+def failpoint(name: str) -> None:
+    if not (_KILL_AT or _TRACE):
+        return
+    step = os.environ.get("ITO_MLLM_FAULT_STEP", "-")
+    _hits[step, name] += 1
+    if _TRACE:
+        with open(_TRACE, "a", encoding="utf-8") as f:
+            f.write(f"{step} {name}\n")
+    if _KILL_AT:
+        want_step, want_name, n = _KILL_AT.rsplit(":", 2)
+        if (want_step, want_name) == (step, name) and _hits[step, name] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def set_step(step: str | None) -> None:
+    """Name the chain step that the following failpoint hits belong to (None: clear)."""
+    if step is None:
+        os.environ.pop("ITO_MLLM_FAULT_STEP", None)
+    else:
+        os.environ["ITO_MLLM_FAULT_STEP"] = step
