@@ -4,8 +4,8 @@ One reference run of `ito-mllm run` (data -> stage 1 -> export -> stage 2 pretra
 eval, the `tiny` preset with ITO and a few more steps) goes uninterrupted and records every
 failpoint hit (pipeline.faults). Then each trial starts a fresh run directory and kills the same
 command up to --kills-per-trial times before letting a last resume finish. Each kill is either
-- a failpoint kill: a (step, failpoint) pair of stages 1 and 2 drawn uniformly, at a hit drawn
-  uniformly from the reference's count (train.step; ckpt.partial / before_rename / before_latest
+- a failpoint kill: a (step, failpoint) pair of stages 1 and 2 not yet done drawn uniformly, at a
+  hit drawn uniformly from the reference's count (train.step; ckpt.partial / before_rename / before_latest
   / rotate; file.before_rename; dir.before_rename / mid_swap), the process SIGKILLs itself there;
 - a timed kill: SIGKILL to the whole process group after a random fraction of the reference time.
 A trial's run directory is *unusable* when the last resume exits non-zero or a final artifact is
@@ -77,6 +77,14 @@ def _running_step(run_dir: Path) -> str:
     return running[0] if running else "between steps"
 
 
+def _done_steps(run_dir: Path) -> set[str]:
+    try:
+        stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    return {name for name, st in stages.items() if st.get("status") == "done"}
+
+
 def _compare(ref: Path, run: Path) -> tuple[str | None, float]:
     """(what is missing or None, max |weight difference|; inf when an eval output differs)."""
     worst = 0.0
@@ -139,8 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
                 at = rng.uniform(0.1, 1.0) * t_ref
                 code, _ = _run(_cmd(run, args.preset), {}, at, log_path)
                 point = {"kind": "timed", "after_s": round(at, 2)}
-            else:
-                step, name = rng.choice(targets)
+            else:  # a point of a step that is not done yet: a resumed run skips the finished ones
+                done = _done_steps(run)
+                step, name = rng.choice([t for t in targets if t[0] not in done] or targets)
                 n = rng.randint(1, hits[step, name])
                 code, _ = _run(_cmd(run, args.preset), {"ITO_MLLM_KILL_AT": f"{step}:{name}:{n}"}, None, log_path)
                 point = {"kind": "failpoint", "step": step, "failpoint": name, "hit": n}
