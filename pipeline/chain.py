@@ -30,19 +30,28 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- steps
 
 
-def ensure_data(cfg: RunConfig, rd: RunDir) -> tuple[Path, dict]:
-    """The demo-world root and its manifest: `data.root`, the run's data stage, or a new generation."""
+def generate_data(cfg: RunConfig, rd: RunDir | None, out: Path) -> dict:
+    """Generate the demo world into `out` (recorded as the run's data step when `rd` is given); its manifest."""
     from pipeline import world
 
+    if rd is not None:
+        rd.mark_running("data", step_keys(cfg)["data"], {"size": cfg.data.size, "seed": cfg.data.seed})
+    t0 = time.perf_counter()
+    manifest = world.generate(out, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
+    if rd is not None:
+        rd.mark_done("data", {"root": out}, seconds=round(time.perf_counter() - t0, 2))
+    return manifest
+
+
+def ensure_data(cfg: RunConfig, rd: RunDir) -> tuple[Path, dict]:
+    """The demo-world root and its manifest: `data.root`, the run's data stage, or a new generation."""
     if cfg.data.root:
         root = Path(cfg.data.root)
     else:
         root = rd.output("data", "root")
         if root is None or not (root / "manifest.json").is_file():
             root = rd.path / "data"
-            rd.mark_running("data", step_keys(cfg)["data"], {"size": cfg.data.size, "seed": cfg.data.seed})
-            world.generate(root, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
-            rd.mark_done("data", {"root": root})
+            generate_data(cfg, rd, root)
     manifest = root / "manifest.json"
     if not manifest.is_file():
         raise InputError(f"{manifest}: data root has no manifest.json (data.root={cfg.data.root!r})")

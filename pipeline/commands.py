@@ -40,16 +40,10 @@ def data_demo(args) -> int:
     cfg, rd = resolve(args, extra, save=args.run_dir is not None)
     if args.out is None and rd is None:
         raise ConfigError("data demo: give --out DIR or --run-dir DIR")
-    from pipeline import world
-
-    out = args.out if args.out is not None else rd.path / "data"
-    if rd is not None:
-        rd.mark_running("data", chain.step_keys(cfg)["data"], {"size": cfg.data.size, "seed": cfg.data.seed})
+    out = Path(args.out) if args.out is not None else rd.path / "data"
     t0 = time.perf_counter()
-    manifest = world.generate(out, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
+    manifest = chain.generate_data(cfg, rd, out)
     dt = time.perf_counter() - t0
-    if rd is not None:
-        rd.mark_done("data", {"root": out}, seconds=round(dt, 2))
     counts = ", ".join(f"{k}={v}" for k, v in manifest.get("counts", {}).items())
     print(f"demo world ({cfg.data.size}, seed {cfg.data.seed}) written to {out} in {dt:.1f}s: {counts}")
     return 0

@@ -51,8 +51,13 @@ def _show(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_JSON_TYPES = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"), (list, "a list"),
+               (dict, "an object"))
+
+
 def _type(value) -> str:
-    return "null" if value is None else type(value).__name__
+    """The JSON type of a parsed value, with its article ("a number", "an object", "null")."""
+    return "null" if value is None else next((n for t, n in _JSON_TYPES if isinstance(value, t)), type(value).__name__)
 
 
 def _record_id(rec) -> str:
@@ -68,7 +73,7 @@ def _check_id(rec: dict) -> str:
         raise _Bad("missing key 'id'", "a string or integer id")
     rid = rec["id"]
     if isinstance(rid, bool) or not isinstance(rid, str | int):
-        raise _Bad(f"'id' is a {_type(rid)}", "a string or integer")
+        raise _Bad(f"'id' is {_type(rid)}", "a string or integer")
     return str(rid)
 
 
@@ -77,18 +82,18 @@ def _check_turns(rec: dict) -> list[dict]:
         raise _Bad("missing key 'conversations'", "a list of human/gpt turns")
     convs = rec["conversations"]
     if not isinstance(convs, list):
-        raise _Bad(f"'conversations' is a {_type(convs)}", "a list of human/gpt turns")
+        raise _Bad(f"'conversations' is {_type(convs)}", "a list of human/gpt turns")
     if not convs:
         raise _Bad("'conversations' is empty", "at least one human turn and one gpt turn")
     turns = []
     for j, turn in enumerate(convs):
         if not isinstance(turn, dict):
-            raise _Bad(f"turn {j} is a {_type(turn)}", 'an object {"from", "value"}')
+            raise _Bad(f"turn {j} is {_type(turn)}", 'an object {"from", "value"}')
         for key in ("from", "value"):
             if key not in turn:
                 raise _Bad(f"turn {j} has no {key!r}", 'an object {"from", "value"}')
             if not isinstance(turn[key], str):
-                raise _Bad(f"turn {j} {key!r} is a {_type(turn[key])}", "a string")
+                raise _Bad(f"turn {j} {key!r} is {_type(turn[key])}", "a string")
         who = turn["from"]
         if who not in (HUMAN, GPT):
             raise _Bad(f"turn {j} is from {_show(who)}", '"human" or "gpt"')
@@ -116,7 +121,7 @@ def _check_image(rec: dict, image_folder: str | None) -> str | None:
     if image is None:
         return None
     if not isinstance(image, str) or not image:
-        raise _Bad(f"'image' is {_show(image) if isinstance(image, str) else 'a ' + _type(image)}",
+        raise _Bad(f"'image' is {_show(image) if isinstance(image, str) else _type(image)}",
                    "a relative path string (one image per sample)")
     if image_folder is None:
         raise _Bad("the sample has an image but no image folder was given", "an image folder")
@@ -131,7 +136,7 @@ def _check_image(rec: dict, image_folder: str | None) -> str | None:
 def _check_record(rec, image_folder: str | None) -> Record:
     """One validated Record, or _Bad describing the first problem."""
     if not isinstance(rec, dict):
-        raise _Bad(f"is a {_type(rec)}", 'an object {"id", "image"?, "conversations"}')
+        raise _Bad(f"is {_type(rec)}", 'an object {"id", "image"?, "conversations"}')
     rid = _check_id(rec)
     turns = _check_turns(rec)
     image = _check_image(rec, image_folder)
@@ -157,7 +162,7 @@ def load_llava_json(
         raise InputError(f"{folder}: image folder not found (for {path})")
     data = read_json(path)
     if not isinstance(data, list):
-        raise InputError(f"{path}: top level is a JSON {_type(data)}, expected a list of records")
+        raise InputError(f"{path}: top level is {_type(data)}, expected a list of records")
     records, skipped = [], 0
     for i, rec in enumerate(data):
         try:

@@ -48,6 +48,9 @@ def test_estimates_match_written_bytes_and_a_short_disk_refuses(tmp_path, monkey
     over = ["stage1.keep_checkpoints=1", "stage2.keep_checkpoints=1"]
     assert main(["run", "--config", "tiny", "--run-dir", str(rd), "eval.tasks=demo_pope_random", "eval.limit=4", *over]) == 0
 
+    # keep_checkpoints=1 in both stages: one complete checkpoint left after rotation
+    assert [len(_step_dirs(rd / d)) for d in ("stage1/train/checkpoints", "stage2_pretrain/checkpoints",
+                                              "stage2_finetune/checkpoints")] == [1, 1, 1]
     # Stage 1: one checkpoint per (keep+1) share of the estimate, the final weights a third of the rest.
     s1 = json.loads((rd / "stage1/train/train_summary.json").read_text())["disk_estimate"]["parts"]
     ckpt = tree_bytes(_step_dirs(rd / "stage1/train/checkpoints")[-1])

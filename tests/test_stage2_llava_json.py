@@ -71,17 +71,17 @@ IMG_OK = _conv(("human", "<image>\nQ"), ("gpt", "A"))
 
 # (record, regex the message must contain after "record ID (index 1): ")
 BAD_CASES = {
-    "not an object": (["just a string"], r"record <no id> \(index 1\): is a str, expected an object"),
+    "not an object": (["just a string"], r"record <no id> \(index 1\): is a string, expected an object"),
     "missing id": ({"image": "b.png", "conversations": IMG_OK}, r"record <no id> \(index 1\): missing key 'id'"),
-    "id wrong type": ({"id": 1.5, "conversations": IMG_OK}, r"record 1\.5 \(index 1\): 'id' is a float, expected a string or integer"),
+    "id wrong type": ({"id": 1.5, "conversations": IMG_OK}, r"record 1\.5 \(index 1\): 'id' is a number, expected a string or integer"),
     "missing conversations": ({"id": "r1"}, r"record r1 \(index 1\): missing key 'conversations'"),
-    "conversations not list": ({"id": "r1", "conversations": "hi"}, r"record r1 \(index 1\): 'conversations' is a str, expected a list"),
+    "conversations not list": ({"id": "r1", "conversations": "hi"}, r"record r1 \(index 1\): 'conversations' is a string, expected a list"),
     "empty conversation": ({"id": "r1", "conversations": []}, r"record r1 \(index 1\): 'conversations' is empty"),
-    "turn not object": ({"id": "r1", "conversations": ["hi", "ho"]}, r"record r1 \(index 1\): turn 0 is a str"),
+    "turn not object": ({"id": "r1", "conversations": ["hi", "ho"]}, r"record r1 \(index 1\): turn 0 is a string"),
     "turn missing value": ({"id": "r1", "conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]},
                            r"record r1 \(index 1\): turn 0 has no 'value'"),
     "value not string": ({"id": "r1", "conversations": _conv(("human", "q"), ("gpt", 3))},
-                         r"record r1 \(index 1\): turn 1 'value' is a int, expected a string"),
+                         r"record r1 \(index 1\): turn 1 'value' is a number, expected a string"),
     "unknown role": ({"id": "r1", "conversations": _conv(("user", "q"), ("assistant", "a"))},
                      r"record r1 \(index 1\): turn 0 is from 'user', expected \"human\" or \"gpt\""),
     "starts with gpt": ({"id": "r1", "conversations": _conv(("gpt", "a"), ("human", "q"))},
@@ -108,13 +108,13 @@ BAD_CASES = {
                       r"record r1 \(index 1\): 'image' 'coco/\.\./\.\./outside\.jpg' leaves the image folder"),
     "missing image": ({"id": "r1", "image": "coco/none.jpg", "conversations": IMG_OK},
                       r"record r1 \(index 1\): image file 'coco/none\.jpg' not found in .*images, expected an existing file"),
-    "id is a bool": ({"id": True, "conversations": IMG_OK}, r"record True \(index 1\): 'id' is a bool, expected a string or integer"),
+    "id is a boolean": ({"id": True, "conversations": IMG_OK}, r"record True \(index 1\): 'id' is a boolean, expected a string or integer"),
     "conversations null": ({"id": "r1", "conversations": None},
-                           r"record r1 \(index 1\): 'conversations' is a null, expected a list of human/gpt turns"),
+                           r"record r1 \(index 1\): 'conversations' is null, expected a list of human/gpt turns"),
     "turn missing from": ({"id": "r1", "conversations": [{"value": "q"}, {"from": "gpt", "value": "x"}]},
                           r"record r1 \(index 1\): turn 0 has no 'from', expected an object"),
     "from not string": ({"id": "r1", "conversations": [{"from": 3, "value": "q"}, {"from": "gpt", "value": "x"}]},
-                        r"record r1 \(index 1\): turn 0 'from' is a int, expected a string"),
+                        r"record r1 \(index 1\): turn 0 'from' is a number, expected a string"),
     "system role": ({"id": "r1", "conversations": _conv(("system", "be nice"), ("human", "q"), ("gpt", "a"))},
                     r"record r1 \(index 1\): turn 0 is from 'system', expected \"human\" or \"gpt\""),
     "image empty string": ({"id": "r1", "image": "", "conversations": IMG_OK},
@@ -146,7 +146,7 @@ def test_inner_dotdot_that_stays_inside_is_fine(tmp_path, folder):
 
 
 @pytest.mark.parametrize(("text", "pattern"), [
-    ('{"id": "a"}', r"top level is a JSON dict, expected a list of records"),
+    ('{"id": "a"}', r"top level is an object, expected a list of records"),
     ("[{\"id\": ", r"not valid UTF-8 JSON"),
 ])
 def test_bad_top_level(tmp_path, folder, text, pattern):

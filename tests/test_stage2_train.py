@@ -250,3 +250,20 @@ def test_deepspeed_one_process_smoke(world, pretrained, tmp_path, stage):
     got = [r["loss"] for r in read_jsonl(tmp_path / "ds" / "logs" / "metrics.jsonl")]
     assert max(abs(x - y) for x, y in zip(ref, got, strict=True)) <= 1e-4, (ref, got)
     assert transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "ds" / "hf") is not None
+
+
+def test_logging_clipping_and_rotation_follow_the_config(world, tmp_path):
+    """stage2.log_every_steps, max_grad_norm (0: no clipping, no norm logged) and keep_checkpoints."""
+    torch.set_num_threads(1)
+    over = ["stage2.pretrain.max_steps=5", "stage2.pretrain.checkpoint_every_steps=1", "stage2.log_every_steps=2",
+            "stage2.max_grad_norm=0", "stage2.keep_checkpoints=3"]
+    summary = _pretrain(world, tmp_path / "run", *over)
+    assert summary["steps"] == 5
+    recs = read_jsonl(tmp_path / "run" / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [2, 4, 5] and all(r["grad_norm"] is None for r in recs)
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000003", "step_00000004", "step_00000005"]
+    _pretrain(world, tmp_path / "clip", "stage2.pretrain.max_steps=2", "stage2.max_grad_norm=1e-3")
+    clipped = read_jsonl(tmp_path / "clip" / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in clipped] == [1, 2]  # the default logs every step
+    assert all(r["grad_norm"] > 1e-3 for r in clipped)  # the pre-clipping norm, as HF Trainer logs it
