@@ -18,7 +18,17 @@ import os
 import signal
 from collections import Counter
 
-_KILL_AT = os.environ.get("ITO_MLLM_KILL_AT", "")
+
+def _kill_spec(text: str) -> tuple[str, str, int] | None:
+    if not text:
+        return None
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise ValueError(f"ITO_MLLM_KILL_AT={text!r}: expected STEP:NAME:N, e.g. stage1:ckpt.partial:2")
+    return parts[0], parts[1], int(parts[2])
+
+
+_KILL_AT = _kill_spec(os.environ.get("ITO_MLLM_KILL_AT", ""))
 _TRACE = os.environ.get("ITO_MLLM_FAILPOINT_TRACE", "")
 _hits: Counter = Counter()
 
@@ -31,10 +41,8 @@ def failpoint(name: str) -> None:
     if _TRACE:
         with open(_TRACE, "a", encoding="utf-8") as f:
             f.write(f"{step} {name}\n")
-    if _KILL_AT:
-        want_step, want_name, n = _KILL_AT.rsplit(":", 2)
-        if (want_step, want_name) == (step, name) and _hits[step, name] == int(n):
-            os.kill(os.getpid(), signal.SIGKILL)
+    if _KILL_AT and (step, name, _hits[step, name]) == _KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def set_step(step: str | None) -> None:

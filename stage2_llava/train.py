@@ -285,7 +285,8 @@ def disk_need(model: nn.Module, cfg, ph, records, num_tokens: int) -> dict[str, 
             "HF model directory": tensor_bytes(model.state_dict().values()) + TOKENIZER_FILES_BYTES}
     if cfg.feature_cache:
         width = model.config.vision_config.hidden_size
-        per_image = num_tokens * width * (2 if use_bf16(cfg.precision) else 4)
+        # + the image's entry in its shard's safetensors header (sha256 key, dtype, shape, offsets) and the index
+        per_image = num_tokens * width * (2 if use_bf16(cfg.precision) else 4) + 256
         need["feature cache (upper bound)"] = per_image * sum(r.has_image for r in records)
     return need
 
