@@ -1,7 +1,7 @@
 """Small helpers every stage shares: atomic writes, safetensors/JSON save and load, seeding.
 
-Stages import this module (and only this one from `pipeline`), so it must stay free of
-imports of any stage package.
+Stages import this module and the other stage-free helpers of `pipeline` (schema, checkpoint,
+metrics_log, disk, faults, images); none of those may import a stage package.
 """
 
 from __future__ import annotations
