@@ -28,6 +28,7 @@ from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
 from open_clip import SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.images import ImageDecodeError, decode_image
 from pipeline.io import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, path_escape, read_json
 from stage1_pretrain.metrics import (
     linear_probe,
@@ -163,7 +164,7 @@ def _parse_line(text: str, jsonl: Path, line: int, classnames: list[str] | None)
     try:
         with Image.open(path) as im:
             im.verify()  # cheap header/CRC check; a full decode happens once, in encode_images
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{where}: field 'image': {path} is not a readable image ({_one_line(e)})") from None
     return EvalRecord(line=line, image=path, caption=caption, label=label)
 
@@ -255,10 +256,10 @@ def _param_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _load_image(path: Path, where: str) -> Image.Image:
+    """Decoded as stage-1 training decodes (pipeline.images: alpha over white, 16-bit rescaled, size limit)."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        return decode_image(path)
+    except (OSError, ImageDecodeError) as e:
         raise InputError(f"{where}: field 'image': {path} could not be decoded ({_one_line(e)})") from None
 
 

@@ -10,6 +10,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from bad_images import bomb_png
 from PIL import Image
 
 from pipeline.io import InputError
@@ -180,12 +181,14 @@ def test_several_captions_share_an_image(tmp_path):
         ('{"image": "img/red_0.png", "caption": ', "not valid JSON"),
         ('{"image": "img/red_0.png", "label": "red"}', "field 'caption': expected a non-empty string"),
         ('{"image": "notes.txt", "caption": "x", "label": "red"}', "not a readable image"),
+        ('{"image": "bomb.png", "caption": "x", "label": "red"}', r"bomb\.png is not a readable image \(Image size"),
         ('{"image": "img/red_1.png", "caption": "x"}', "field 'label': missing while other records have one"),
         ('{"image": "img/red_1.png", "caption": "x", "label": "blue"}', "differs from 'red' for the same image"),
     ],
 )
 def test_bad_record_names_file_and_line(tmp_path, bad, message):
     (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
     path = _write_set(tmp_path, extra_lines=[bad])
     with pytest.raises(InputError, match=message) as e:
         load_eval_records(path)
@@ -260,3 +263,18 @@ def test_evaluate_end_to_end_tiny_clip(tmp_path):
     title = f"eval.jsonl: gap {m['modality_gap']['centroid_distance']:.3f}"
     umap_plot(img, txt, tmp_path / "again.png", seed=0, title=title)
     assert (tmp_path / "again.png").read_bytes() == png  # deterministic given the seed
+
+
+def test_eval_images_decode_as_training_images_do(tmp_path):
+    """Transparency over white and 16-bit rescaling, as stage-1 training's load_rgb (not PIL's convert("RGB"))."""
+    from stage1_pretrain.evaluate import _load_image
+    from stage1_pretrain.views import load_rgb
+
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    grey16 = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
+    for name, im in (("rgba.png", rgba), ("grey16.png", grey16)):
+        im.save(tmp_path / name)
+        got = _load_image(tmp_path / name, "x")
+        assert got.tobytes() == load_rgb((tmp_path / name).read_bytes()).tobytes()
+    assert _load_image(tmp_path / "rgba.png", "x").getpixel((0, 0)) == (255, 255, 255)
+    assert _load_image(tmp_path / "grey16.png", "x").getpixel((0, 0)) == (156, 156, 156)
