@@ -68,21 +68,20 @@ def _run(cmd: list[str], env_extra: dict[str, str], kill_after: float | None, lo
     return proc.returncode, time.perf_counter() - t0
 
 
+def _statuses(run_dir: Path) -> dict[str, str] | None:
+    """{step: status} from the run's manifest; None before the manifest exists."""
+    try:
+        stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return {name: st.get("status") for name, st in stages.items()}
+
+
 def _running_step(run_dir: Path) -> str:
-    try:
-        stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    except (OSError, ValueError, KeyError):
+    statuses = _statuses(run_dir)
+    if statuses is None:
         return "startup"
-    running = [name for name, st in stages.items() if st.get("status") == "running"]
-    return running[0] if running else "between steps"
-
-
-def _done_steps(run_dir: Path) -> set[str]:
-    try:
-        stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    except (OSError, ValueError, KeyError):
-        return set()
-    return {name for name, st in stages.items() if st.get("status") == "done"}
+    return next((name for name, status in statuses.items() if status == "running"), "between steps")
 
 
 def _compare(ref: Path, run: Path) -> tuple[str | None, float]:
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                 code, _ = _run(_cmd(run, args.preset), {}, at, log_path)
                 point = {"kind": "timed", "after_s": round(at, 2)}
             else:  # a point of a step that is not done yet: a resumed run skips the finished ones
-                done = _done_steps(run)
+                done = {name for name, status in (_statuses(run) or {}).items() if status == "done"}
                 step, name = rng.choice([t for t in targets if t[0] not in done] or targets)
                 n = rng.randint(1, hits[step, name])
                 code, _ = _run(_cmd(run, args.preset), {"ITO_MLLM_KILL_AT": f"{step}:{name}:{n}"}, None, log_path)
