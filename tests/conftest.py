@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 SHAPES = ("circle", "square")
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M GGUF that `scripts/fetch_test_models.py` extracts (None: not fetched)."""
+    root = Path(os.environ.get("ITO_MLLM_TEST_MODELS") or REPO / ".cache" / "test-models")
+    path = root / SMOLLM2_FILE
+    return path if path.is_file() else None
 
 
 def render(color: str, shape: str, size: int = 64) -> Image.Image:

