@@ -35,7 +35,10 @@ class Stage1Config:
     fusion_depth: int = option(2, min=1, max=12, help="fusion transformer blocks")
     fusion_width: int | None = option(None, min=8, help="fusion width (None: the text tower width)")
     fusion_heads: int = option(8, min=1)
-    image_crop_scale_min: float = option(0.5, min=0.01, max=1.0, help="RandomResizedCrop lower scale for ITO views")
+    augment: str = option("ito", help="image augmentation policy shared by every method (stage1_pretrain.augment): "
+                          "ito (paper Table 7), open_clip, crop")
+    image_crop_scale_min: float | None = option(None, min=0.01, max=1.0,
+                                                help="RandomResizedCrop lower scale (None: the augment policy's)")
     precision: str = option("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = option(False)
     nproc: int = option(1, min=1, help="processes launched by `stage1 train` (gloo on CPU, NCCL on GPU)")
@@ -50,6 +53,10 @@ class Stage1Config:
     eval_batch_size: int = option(256, min=1)
 
     def validate(self, prefix: str = "stage1") -> None:
+        from .augment import AUGMENT_POLICIES
+
+        if self.augment not in AUGMENT_POLICIES:
+            raise ConfigError(f"{prefix}.augment: unknown policy {self.augment!r}; known: {', '.join(sorted(AUGMENT_POLICIES))}")
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps={self.accum_steps}")
         if self.batch_size % (self.accum_steps * self.nproc):

@@ -1,6 +1,7 @@
 """Stage-1 method registry: a method is a set of defaults (views, fusion weight, losses).
 
-`METHODS[name]` is a `MethodSpec`; `register_method(name, spec)` adds one (the `siglip` entry
+`METHODS[name]` is a `MethodSpec` (image views are not the method's: every method trains on the
+`stage1.augment` policy, see `augment`); `register_method(name, spec)` adds one (the `siglip` entry
 below is the example of a one-entry addition). `resolve(cfg)` fills the config's `None` knobs
 (`image_views`, `text_views`, `fusion_lambda`, `fusion_width`) from the method's defaults and
 checks the combination. The fusion head (and its loss) exists iff the resolved λ > 0, which needs
@@ -25,7 +26,6 @@ from pipeline.schema import ConfigError
 from .losses import ClipLoss, SigLipLoss
 
 TEXT_VIEW_KINDS = ("caption", "subdescriptions")
-IMAGE_VIEW_KINDS = ("open_clip", "ito")  # open_clip's train transform | SLIP/MoCo-v3-style views (SPEC)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,6 @@ class MethodSpec:
     text_views: int
     fusion_lambda: float
     text_view_kind: str = "caption"
-    image_view_kind: str = "ito"
     pair_loss: type[nn.Module] = ClipLoss  # built as pair_loss(rank=, world_size=)
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra open_clip model kwargs
     description: str = ""
@@ -42,8 +41,6 @@ class MethodSpec:
     def __post_init__(self):
         if self.text_view_kind not in TEXT_VIEW_KINDS:
             raise ValueError(f"text_view_kind must be one of {TEXT_VIEW_KINDS}, got {self.text_view_kind!r}")
-        if self.image_view_kind not in IMAGE_VIEW_KINDS:
-            raise ValueError(f"image_view_kind must be one of {IMAGE_VIEW_KINDS}, got {self.image_view_kind!r}")
         if self.image_views < 1 or self.text_views < 1 or self.fusion_lambda < 0:
             raise ValueError("image_views and text_views must be >= 1 and fusion_lambda >= 0")
         object.__setattr__(self, "model_kwargs", MappingProxyType(dict(self.model_kwargs)))
@@ -59,8 +56,9 @@ def register_method(name: str, spec: MethodSpec) -> None:
     METHODS[name] = spec
 
 
-register_method("clip", MethodSpec(1, 1, 0.0, image_view_kind="open_clip", description="CLIP baseline"))
+register_method("clip", MethodSpec(1, 1, 0.0, description="CLIP baseline"))
 register_method("ito", MethodSpec(2, 1, 2.0, description="ITO: 2 image views + training-time fusion"))
+register_method("ma", MethodSpec(2, 1, 0.0, description="multiple alignment only: ITO with fusion_lambda=0"))
 register_method(
     "ito_sub2",
     MethodSpec(2, 2, 2.0, text_view_kind="subdescriptions", description="ITO with 2 sub-description text views"),
@@ -71,7 +69,6 @@ register_method(
         1,
         1,
         0.0,
-        image_view_kind="open_clip",
         pair_loss=SigLipLoss,
         model_kwargs={"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0},
         description="SigLIP sigmoid loss (open_clip's SigLipLoss)",
@@ -86,7 +83,6 @@ class ResolvedMethod:
     text_views: int
     fusion_lambda: float
     text_view_kind: str
-    image_view_kind: str
     pair_loss: type[nn.Module]
     model_kwargs: Mapping[str, Any]
     fusion_depth: int
@@ -118,7 +114,6 @@ def resolve(cfg: Any, prefix: str = "stage1") -> ResolvedMethod:
         text_views=w,
         fusion_lambda=lam,
         text_view_kind=kind,
-        image_view_kind=spec.image_view_kind,
         pair_loss=spec.pair_loss,
         model_kwargs=spec.model_kwargs,
         fusion_depth=int(cfg.fusion_depth),

@@ -64,10 +64,10 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
 
 
 def _loader(cfg, build, method, train_data, epoch, rank, world, skip, counters):
-    kind = "clip" if method.image_view_kind == "open_clip" else "ito"
     pre = build.task.model.visual.preprocess_cfg
     views = MultiView(
-        make_view_transform(kind, pre["size"], pre["mean"], pre["std"], cfg.image_crop_scale_min), method.image_views
+        make_view_transform(cfg.augment, pre["size"], pre["mean"], pre["std"], cfg.image_crop_scale_min),
+        method.image_views,
     )
     return build_train_loader(
         train_data, tokenizer=build.tokenizer, image_transform=views,

@@ -1,10 +1,8 @@
 """Image decoding and reproducible image views for stage 1.
 
-Two view transforms, both built by open_clip's own `image_transform(is_train=True)`:
-- "clip": open_clip's default train transform (RandomResizedCrop scale (0.9, 1), bicubic).
-- "ito": the SLIP/MoCo-v3 views of the ITO paper (Table 7): RandomResizedCrop(scale
-  (scale_min, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale p=0.2,
-  through open_clip's `color_jitter_prob` / `gray_scale_prob` augmentation options.
+View transforms are open_clip's own `image_transform(is_train=True)` configured by a named
+policy of `stage1_pretrain.augment` (`open_clip`: its default crop; `ito`: the paper's Table 7
+views through open_clip's `color_jitter_prob` / `gray_scale_prob` options; `crop`: geometry only).
 Those transforms draw from torch's and Python's global RNGs; `MultiView` forks both and
 seeds them per sample, so a sample's views depend only on the seed it is given (and
 a resumed run sees the same views), never on what ran before in the process.
@@ -24,9 +22,9 @@ from PIL import Image
 
 from pipeline.images import MAX_PIXELS, ImageDecodeError, decode_image, to_rgb
 
-__all__ = ["MAX_PIXELS", "ImageDecodeError", "MultiView", "load_rgb", "make_view_transform", "to_rgb"]
+from .augment import get_policy
 
-VIEW_KINDS = ("clip", "open_clip", "ito")  # "open_clip" is an alias of "clip" (methods.py spelling)
+__all__ = ["MAX_PIXELS", "ImageDecodeError", "MultiView", "load_rgb", "make_view_transform", "to_rgb"]
 
 
 def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -34,23 +32,22 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return decode_image(data, max_pixels, composite_alpha=True)
 
 
-def make_view_transform(kind: str, image_size, mean, std, scale_min: float = 0.5):
-    """PIL RGB image -> normalised float tensor [3, H, W] with random augmentation."""
+def make_view_transform(policy: str, image_size, mean, std, scale_min: float | None = None):
+    """PIL RGB image -> normalised float tensor [3, H, W] with augmentation policy `policy`.
+
+    `scale_min` overrides the policy's RandomResizedCrop lower bound (None: the policy's own).
+    """
     from open_clip.transform import AugmentationCfg, image_transform
 
-    if kind in ("clip", "open_clip"):
-        aug = AugmentationCfg()
-    elif kind == "ito":
-        if not 0.0 < scale_min <= 1.0:
-            raise ValueError(f"scale_min must be in (0, 1], got {scale_min}")
-        aug = AugmentationCfg(
-            scale=(scale_min, 1.0),
-            color_jitter=(0.4, 0.4, 0.4, 0.1),
-            color_jitter_prob=0.8,
-            gray_scale_prob=0.2,
-        )
-    else:
-        raise ValueError(f"view kind must be one of {VIEW_KINDS}, got {kind!r}")
+    try:
+        p = get_policy(policy)
+    except KeyError as e:
+        raise ValueError(str(e.args[0])) from None
+    low = p.scale[0] if scale_min is None else float(scale_min)
+    if not 0.0 < low <= p.scale[1]:
+        raise ValueError(f"scale_min must be in (0, {p.scale[1]}], got {low}")
+    aug = AugmentationCfg(scale=(low, p.scale[1]), color_jitter=p.color_jitter,
+                          color_jitter_prob=p.color_jitter_prob or None, gray_scale_prob=p.gray_scale_prob or None)
     with warnings.catch_warnings():
         # open_clip 3.3 warns "Unused augmentation cfg items" for the jitter/grey options its
         # non-timm branch does use (it reads them from the cfg, not from the dict it checks)

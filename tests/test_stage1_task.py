@@ -188,14 +188,14 @@ def test_bad_input_shapes():
 def test_resolve_defaults_and_overrides():
     r = methods.resolve(Stage1Config(method="ito"))
     assert (r.image_views, r.text_views, r.fusion_lambda, r.use_fusion) == (2, 1, 2.0, True)
-    assert (r.text_view_kind, r.image_view_kind, r.fusion_depth, r.fusion_width) == ("caption", "ito", 2, None)
+    assert (r.text_view_kind, r.fusion_depth, r.fusion_width) == ("caption", 2, None)
     r = methods.resolve(Stage1Config(method="ito", image_views=3, text_views=2, fusion_lambda=0.0, fusion_depth=4))
     assert (r.image_views, r.text_views, r.fusion_lambda, r.use_fusion) == (3, 2, 0.0, False)
     assert r.text_view_kind == "subdescriptions" and r.fusion_depth == 4
     r = methods.resolve(Stage1Config(method="ito_sub2"))
     assert (r.image_views, r.text_views, r.text_view_kind) == (2, 2, "subdescriptions")
     r = methods.resolve(Stage1Config(method="clip"))
-    assert (r.image_views, r.text_views, r.use_fusion, r.image_view_kind) == (1, 1, False, "open_clip")
+    assert (r.image_views, r.text_views, r.use_fusion) == (1, 1, False)
     r = methods.resolve(Stage1Config(method="siglip"))
     assert r.pair_loss.__name__ == "SigLipLoss" and r.model_kwargs["init_logit_bias"] == -10.0
     with pytest.raises(ConfigError, match="stage1.method: unknown method 'nope'"):
