@@ -25,7 +25,6 @@ marked in SPECS. Every task loads from a cache; none needs a data-source variant
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,5 +205,3 @@ def summary_lines(manifest: dict) -> list[str]:
     return lines
 
 
-def manifest_json(manifest: dict) -> str:
-    return json.dumps(manifest, indent=2, sort_keys=True)

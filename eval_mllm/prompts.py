@@ -164,10 +164,20 @@ def _fence(text: str | None) -> list[str]:
     return ["```text", text if text is not None else "(no LLaVA-1.5 reference)", "```"]
 
 
+def _summary(entries: list[dict]) -> list[str]:
+    lines = ["| task | same as LLaVA-1.5? | differences |", "|---|---|---|"]
+    for e in entries:
+        same = "no reference" if e["identical"] is None else ("yes" if e["identical"] else "no")
+        diffs = "; ".join(e["differences"] or []) if e["identical"] is False else ""
+        lines.append(f"| {e['task']} | {same} | {diffs} |")
+    return lines + [""]
+
+
 def markdown(entries: list[dict], header: str = "") -> str:
     lines = ["# Prompts: ours (lmms-eval through llava_hf) vs LLaVA-1.5's", ""]
     if header:
         lines += [header, ""]
+    lines += _summary(entries)
     for e in entries:
         lines += [f"## {e['task']}", "", f"Document {e['doc_index']}; generation kwargs as run (the task YAML's, "
                   f"then the runner's max_new_tokens/temperature): `{e['generation_kwargs']}`.", "",

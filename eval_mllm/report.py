@@ -204,9 +204,9 @@ def results_table(res: dict) -> str:
              f"| {Path(res.get('model_dir', 'model')).name} | " + " | ".join(_cell(res, t) for t in tasks) + " |", ""]
     notes = [f"{t} skipped: {why}" for t, why in res.get("skipped", {}).items()]
     notes += [_run_as_note(t, e) for t, e in res.get("tasks", {}).items() if e.get("lmms_eval_task", t) != t]
-    if "textvqa_val" in res.get("tasks_requested", []):
-        notes.append(f"eval.textvqa_ocr={str(res.get('textvqa_ocr', False)).lower()} (default true: LLaVA-1.5's "
-                     "OCR-token prompt)")
+    if "textvqa_val" in res.get("tasks_requested", []) and not res.get("textvqa_ocr", True):
+        notes.append("textvqa_val ran without OCR tokens (eval.textvqa_ocr=false, lmms-eval's default prompt); the "
+                     "default, true, is LLaVA-1.5's OCR-token prompt")
     if res.get("limit") is not None:
         notes.append(f"at most {res['limit']} samples per task (limit)")
     return "\n".join(lines + [f"- {n}" for n in notes]) + "\n"

@@ -274,7 +274,8 @@ def test_runner_runs_paper13_on_fixtures(hf_home, tmp_path):
     table = (tmp_path / "eval" / "table.md").read_text()
     header = table.splitlines()[0]
     assert header.count("|") == 15 and "MMVet" in header and "| skipped |" in table
-    assert "eval.textvqa_ocr=true" in table
+    assert "textvqa_val ran as textvqa_val_ocr: LLaVA-1.5's OCR-token prompt" in table
+    assert "eval.textvqa_ocr=true, the default" in table
     print(f"paper13 fixture run: {elapsed:.1f} s")
 
 
