@@ -50,7 +50,7 @@ def data_demo(args) -> int:
 
 
 def data_paper13_fixtures(args) -> int:
-    from eval_mllm.fixtures import summary_lines, write_paper13_fixtures
+    from pipeline.world.paper13 import summary_lines, write_paper13_fixtures
 
     t0 = time.perf_counter()
     manifest = write_paper13_fixtures(args.out, seed=args.seed)

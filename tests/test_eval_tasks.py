@@ -231,7 +231,7 @@ def test_expand_tasks():
 def test_check_task_available(tmp_path, monkeypatch, default_manager):
     import huggingface_hub.constants as hub
 
-    from eval_mllm.fixtures import spec_for, write_spec
+    from pipeline.world.paper13 import spec_for, write_spec
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from eval_mllm import fixture_rows, prompts, task_sets
-from eval_mllm.fixtures import SPECS, _features, cache_dir_name, spec_for, write_paper13_fixtures
+from eval_mllm import prompts, task_sets
 from eval_mllm.task_sets import TASK_SETS, check_task_available, lmms_task_name
+from pipeline.world import paper13_rows
+from pipeline.world.paper13 import SPECS, _features, cache_dir_name, spec_for, write_paper13_fixtures
 
 LOCAL12 = [t for t in TASK_SETS["paper13"] if t != "mmvet"]
 RUN_AS = {t: lmms_task_name(t, textvqa_ocr=True) for t in TASK_SETS["paper13"]}
@@ -84,8 +85,21 @@ def test_fixtures_sit_where_each_task_yaml_loads_from(hf_home, manager):
     assert (hf_home / "datasets" / cache_dir_name("lmms-lab-encoder/VQAv2")).is_dir()
 
 
+def test_fixtures_refuse_to_shadow_a_real_cache(tmp_path):
+    from pipeline.io import InputError
+
+    real = tmp_path / "datasets" / "lmms-lab-encoder___pope" / "Full" / "0.0.0" / ("b" * 40) / "dataset_info.json"
+    real.parent.mkdir(parents=True)
+    real.write_text(json.dumps({"description": "", "config_name": "Full"}))
+    with pytest.raises(InputError, match="a real lmms-lab-encoder/POPE cache is here"):
+        write_paper13_fixtures(tmp_path)
+    real.unlink()
+    write_paper13_fixtures(tmp_path)
+    write_paper13_fixtures(tmp_path, seed=1)  # our own fixtures are replaced, not refused
+
+
 def test_offline_availability_needs_the_prepared_cache_not_a_hub_snapshot(tmp_path, monkeypatch, manager):
-    from eval_mllm.fixtures import write_spec
+    from pipeline.world.paper13 import write_spec
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     snapshot = tmp_path / "hub" / "datasets--Lin-Chen--MMStar" / "snapshots" / ("a" * 40)
@@ -143,7 +157,7 @@ def _scripted_run(tasks: list[str], answer, manager, tmp_path) -> dict:
 
 def _vqa_answer(answers: list[str], i: int) -> str:
     """Row i of a VQA-style fixture: 10 - m canonical answers then m alternatives, m = i % 4."""
-    m = fixture_rows.minority(i)
+    m = paper13_rows.minority(i)
     canonical, alternative = answers[0], answers[-1]
     assert answers == [canonical] * (10 - m) + [alternative] * m
     return [canonical.upper() + ".", alternative, alternative, "banana"][m]
@@ -201,7 +215,7 @@ def test_mmbench_circular_evaluation_matches_hand_computation(hf_home, manager, 
     cn: q0 right, q1 wrong everywhere, q2 one unparseable copy -> 1, 0, 0 -> 33.33.
     """
     def answer(task, _, doc):
-        q, copy = doc["index"] % fixture_rows.CIRCULAR, doc["index"] // fixture_rows.CIRCULAR
+        q, copy = doc["index"] % paper13_rows.CIRCULAR, doc["index"] // paper13_rows.CIRCULAR
         right, wrong = doc["answer"], "ABCD"[("ABCD".index(doc["answer"]) + 1) % 4]
         if task == "mmbench_en_dev_static":
             return [right, wrong if copy == 2 else right, f"({right})"][q]

@@ -1,7 +1,7 @@
 """Rows of the paper-13 fixture datasets: demo-world scenes in each benchmark's own record layout.
 
 Every builder draws scenes with the demo world's sampler and renderer (`pipeline.world`) and
-returns `{split: [row, ...]}` with the columns of the real dataset (see `eval_mllm.fixtures`
+returns `{split: [row, ...]}` with the columns of the real dataset (see `pipeline.world.paper13`
 for the features and where each dataset lives). Rows are deterministic in (seed, row index).
 
 Ground truth is fixed by row index wherever a score depends on it, so tests can compute the

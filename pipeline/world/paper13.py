@@ -1,7 +1,7 @@
 """Offline fixtures for the paper's 13 lmms-eval tasks, written as the Hugging Face cache they load from.
 
 `ito-mllm data paper13-fixtures --out DIR` writes, for every dataset a paper13 task reads, a
-few demo-world rows (`eval_mllm.fixture_rows`) with the real dataset's features under
+few demo-world rows (`pipeline.world.paper13_rows`) with the real dataset's features under
 `DIR/datasets/`. With `HF_HOME=DIR` (and HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1), lmms-eval's
 own task YAMLs load them through `datasets.load_dataset(dataset_path, dataset_name, split=...)`.
 
@@ -25,14 +25,14 @@ marked in SPECS. Every task loads from a cache; none needs a data-source variant
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.io import InputError, atomic_write_json, staged_dir
-
-from . import fixture_rows as rows
+from pipeline.world import paper13_rows as rows
 
 VERSION = "0.0.0"  # what `datasets` records for hub parquet datasets without a version
 FIXTURE_VERSION = 1
@@ -172,9 +172,25 @@ def write_spec(spec: Spec, datasets_cache: Path, seed: int) -> dict:
             counts[split] = n
         info = datasets.DatasetInfo(features=features, builder_name="parquet", dataset_name=snake,
                                     config_name=spec.config, version=VERSION, splits=splits,
-                                    description=f"ito-mllm paper13 fixture (seed {seed})")
+                                    description=f"{DESCRIPTION} (seed {seed})")
         info.write_to_directory(str(tmp))
     return counts
+
+
+DESCRIPTION = "ito-mllm paper13 fixture"
+
+
+def _refuse_real_caches(cache: Path) -> None:
+    """Fixtures next to a real prepared cache of the same dataset would shadow it (the newest hash wins)."""
+    for spec in SPECS:
+        for info in (cache / cache_dir_name(spec.repo)).glob("*/*/*/dataset_info.json"):
+            try:
+                description = json.loads(info.read_text(encoding="utf-8")).get("description", "")
+            except (OSError, ValueError):
+                description = ""
+            if not description.startswith(DESCRIPTION):
+                raise InputError(f"{info.parent}: a real {spec.repo} cache is here; write the fixtures to another "
+                                 "directory (it becomes HF_HOME for fixture runs only)")
 
 
 def write_paper13_fixtures(out: str | os.PathLike, seed: int = 0) -> dict:
@@ -183,6 +199,7 @@ def write_paper13_fixtures(out: str | os.PathLike, seed: int = 0) -> dict:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
     cache = out / "datasets"
+    _refuse_real_caches(cache)
     manifest = {"fixture_version": FIXTURE_VERSION, "seed": seed, "hf_home": str(out.resolve()), "datasets": []}
     for spec in SPECS:
         counts = write_spec(spec, cache, seed)
