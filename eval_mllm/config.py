@@ -15,3 +15,5 @@ class EvalConfig:
     max_new_tokens: int = option(16, min=1)
     bootstrap_samples: int = option(1000, min=10, help="paired bootstrap resamples for A/B confidence intervals")
     seed: int = option(0, min=0)
+    textvqa_ocr: bool = option(True, help="run textvqa_val with LLaVA-1.5's OCR-token prompt (task textvqa_val_ocr); "
+                                          "false: lmms-eval's textvqa_val without OCR tokens")

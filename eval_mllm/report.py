@@ -145,6 +145,11 @@ def _plot_deltas(rows: list[tuple[str, str, dict]], baseline: str, out: Path) ->
     plt.close(fig)
 
 
+def _run_as_note(task: str, entry: dict) -> str:
+    reason = entry.get("run_as_reason") or "rule-based scoring"
+    return f"{task} ran as {entry['lmms_eval_task']}: {reason}"
+
+
 def _notes(arms_results: dict, tasks: list[str], entries: dict) -> list[str]:
     notes = []
     for arm, res in arms_results.items():
@@ -156,7 +161,7 @@ def _notes(arms_results: dict, tasks: list[str], entries: dict) -> list[str]:
     for task in tasks:
         e = entries[task]
         if e.get("lmms_eval_task") and e["lmms_eval_task"] != task:
-            notes.append(f"{task} ran as lmms-eval task {e['lmms_eval_task']} (rule-based scoring)")
+            notes.append(_run_as_note(task, e))
         if e.get("judge"):
             notes.append(f"{task} is scored by a GPT judge: its number depends on the judge model and API")
         if e.get("submission_only"):
@@ -169,6 +174,7 @@ def _load_arms(arms: dict) -> dict:
 
 
 def _benchmarks(arms_results: dict) -> tuple[list[str], dict]:
+    """Tasks with results, plus skipped paper13 tasks (their Table-4 column stays, marked skipped)."""
     tasks: list[str] = []
     entries: dict = {}
     for res in arms_results.values():
@@ -176,7 +182,34 @@ def _benchmarks(arms_results: dict) -> tuple[list[str], dict]:
             if task not in entries:
                 tasks.append(task)
                 entries[task] = entry
+    for res in arms_results.values():
+        for task in res.get("skipped", {}):
+            if task not in entries and task in TASK_SETS["paper13"]:
+                tasks.append(task)
+                entries[task] = {"column": info(task).column, "skipped": True}
     return _column_order(tasks, entries), entries
+
+
+def _cell(res: dict, task: str) -> str:
+    if task in res.get("skipped", {}):
+        return "skipped"
+    return _fmt((res.get("tasks", {}).get(task) or {}).get("value_pct"))
+
+
+def results_table(res: dict) -> str:
+    """One run's results.json as the paper's Table-4 row (percent), skipped tasks marked, then why."""
+    tasks, entries = _benchmarks({"run": res})
+    headers = _headers(tasks, entries)
+    lines = ["| model | " + " | ".join(headers[t] for t in tasks) + " |", "|---|" + "---|" * len(tasks),
+             f"| {Path(res.get('model_dir', 'model')).name} | " + " | ".join(_cell(res, t) for t in tasks) + " |", ""]
+    notes = [f"{t} skipped: {why}" for t, why in res.get("skipped", {}).items()]
+    notes += [_run_as_note(t, e) for t, e in res.get("tasks", {}).items() if e.get("lmms_eval_task", t) != t]
+    if "textvqa_val" in res.get("tasks_requested", []) and not res.get("textvqa_ocr", True):
+        notes.append("textvqa_val ran without OCR tokens (eval.textvqa_ocr=false, lmms-eval's default prompt); the "
+                     "default, true, is LLaVA-1.5's OCR-token prompt")
+    if res.get("limit") is not None:
+        notes.append(f"at most {res['limit']} samples per task (limit)")
+    return "\n".join(lines + [f"- {n}" for n in notes]) + "\n"
 
 
 def _stage1(arms: dict, out_dir: Path) -> tuple[dict, dict]:
@@ -214,8 +247,8 @@ def _markdown(report: dict, tasks: list[str], headers: dict) -> str:
     lines += ["## Benchmarks (paper Table 4 layout, percent)", ""]
     lines += ["| tower | " + " | ".join(headers[t] for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
     for arm in arms:
-        row = report["table"][arm]
-        lines.append(f"| {arm} | " + " | ".join(_fmt(row.get(t)) for t in tasks) + " |")
+        row, skipped = report["table"][arm], report["skipped"].get(arm, {})
+        lines.append(f"| {arm} | " + " | ".join("skipped" if t in skipped else _fmt(row.get(t)) for t in tasks) + " |")
     lines += ["", f"## Deltas vs {base} (paired bootstrap, {report['n_resamples']} resamples, 95% percentile CI)", ""]
     lines += ["| benchmark | arm | " + base + " | arm value | Δ (points) | 95% CI | n |", "|---|---|---|---|---|---|---|"]
     for task in tasks:

@@ -9,6 +9,9 @@ max_new_tokens), which changes nothing for greedy single-answer benchmarks.
 
 Tasks that cannot run here (judge without OPENAI_API_KEY, dataset not in the offline HF
 cache, demo parquet missing) are skipped before the model loads and listed with the reason.
+Besides results.json and samples/, the run writes table.md (the paper's Table-4 layout, skipped
+tasks marked) and prompts.md/.json: for every task, the prompt the model received for its first
+document, rendered by the same path as llava_hf, next to LLaVA-1.5's (`eval_mllm.prompts`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,25 @@ from pipeline.io import InputError, atomic_write_json, atomic_write_text, requir
 
 from . import task_sets
 from .bootstrap import TaskStatistic, json_finite
-from .task_sets import LOCAL_TASKS, check_task_available, expand_tasks, info, lmms_task_name, materialise_tasks
+from .task_sets import (
+    LOCAL_TASKS,
+    RUN_AS_REASONS,
+    check_task_available,
+    expand_tasks,
+    info,
+    lmms_task_name,
+    materialise_tasks,
+)
 
 LMMS_MODEL = "llava_hf"
 
 
 def force_offline() -> None:
-    """No hub access on these machines: make `datasets` and `huggingface_hub` fail fast instead of retrying."""
+    """No hub access on these machines: make `datasets` and `huggingface_hub` fail fast instead of retrying.
+
+    Also forgets lmms-eval's memoised datasets-cache choice, so HF_HOME / HF_DATASETS_CACHE /
+    LMMS_EVAL_DATASETS_CACHE as set now decide where this run's datasets load from.
+    """
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     # Both libraries read the variables at import; patch the constants if they were imported first.
@@ -47,6 +62,9 @@ def force_offline() -> None:
             ds_config.HF_DATASETS_OFFLINE = True
     except ImportError:
         pass
+    from lmms_eval.api.task import _resolve_hf_datasets_cache_dir
+
+    _resolve_hf_datasets_cache_dir.cache_clear()
 
 
 def prompt_example(model_dir: Path) -> str:
@@ -121,6 +139,8 @@ def _task_entry(task: str, lmms_name: str, results: dict, records: list[dict]) -
         "submission_only": meta.submission_only,
         "samples": f"samples/{task}.jsonl",
     }
+    if lmms_name != task and lmms_name in RUN_AS_REASONS:
+        entry["run_as_reason"] = RUN_AS_REASONS[lmms_name]
     if meta.submission_only:
         entry["value_pct"] = None
     elif known and value is not None and records and metric in records[0]["metrics"]:
@@ -128,6 +148,71 @@ def _task_entry(task: str, lmms_name: str, results: dict, records: list[dict]) -
         stat = TaskStatistic(records, metric, meta.statistic, meta.aggregation, meta.scale, where=f"{task} samples")
         entry["recomputed_pct"] = stat()
     return entry
+
+
+def _plan(requested: list[str], run_as: dict[str, str], data_root, out_dir: Path):
+    """Skip what cannot run here; returns (TaskManager over defaults + our local YAMLs, skipped, runnable)."""
+    skipped: dict[str, str] = {}
+    local_ok = []
+    for task in requested:
+        if run_as[task] in LOCAL_TASKS:
+            reason = check_task_available(task, data_root, run_as=run_as[task])
+            if reason:
+                skipped[task] = reason
+            else:
+                local_ok.append(run_as[task])
+    include = materialise_tasks(local_ok, out_dir / "tasks", data_root)
+
+    from lmms_eval.tasks import TaskManager
+
+    needs_defaults = any(run_as[t] not in LOCAL_TASKS for t in requested)
+    manager = TaskManager(include_path=str(include), include_defaults=needs_defaults)
+    unknown = [t for t in requested if t not in skipped and run_as[t] not in manager.all_tasks]
+    if unknown:
+        raise InputError(f"eval.tasks: not lmms-eval tasks or task sets: {', '.join(unknown)} "
+                         f"(sets: {', '.join(task_sets.TASK_SETS)})")
+    for task in requested:
+        if task not in skipped and run_as[task] not in LOCAL_TASKS:
+            reason = check_task_available(task, data_root, manager, run_as=run_as[task])
+            if reason:
+                skipped[task] = reason
+    return manager, skipped, [t for t in requested if t not in skipped]
+
+
+def _evaluate(model_dir: Path, task_objs: list, manager, out_dir: Path, *, limit, batch_size, device,
+              max_new_tokens, seed) -> tuple[dict, str, str]:
+    from lmms_eval.evaluator import simple_evaluate
+
+    gen = "temperature=0" if max_new_tokens is None else f"max_new_tokens={max_new_tokens},temperature=0"
+    model_args = f"pretrained={model_dir},device={device},device_map={device},dtype=float32"
+    results = simple_evaluate(
+        model=LMMS_MODEL,
+        model_args=model_args,
+        tasks=task_objs,  # built once by the runner, so prompts.md renders from the very task objects that ran
+        task_manager=manager,
+        batch_size=batch_size,
+        limit=limit,
+        log_samples=True,
+        gen_kwargs=gen,
+        bootstrap_iters=0,  # our paired bootstrap replaces lmms-eval's per-arm stderr
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        cli_args=argparse.Namespace(output_path=str(out_dir / "lmms_eval"), process_with_media=False),
+    )
+    return results, model_args, gen
+
+
+def _write_prompts(model_dir: Path, runnable: list[str], run_as: dict[str, str], task_dict: dict, out_dir: Path):
+    from transformers import AutoProcessor
+
+    from .prompts import compare_task, write_prompts
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    entries = [compare_task(run_as[t], task_dict[run_as[t]], processor) for t in runnable]
+    header = f"Model directory: `{model_dir}` (its processor's chat template renders both prompts)."
+    return write_prompts(entries, out_dir, header)
 
 
 def run_lmms_eval(
@@ -141,12 +226,14 @@ def run_lmms_eval(
     device: str = "cpu",
     max_new_tokens: int | None = 16,
     seed: int = 0,
+    textvqa_ocr: bool = True,
 ) -> dict:
     """Evaluate `model_dir` (a LlavaForConditionalGeneration dir) on `tasks` (names or sets).
 
-    Writes out_dir/results.json, out_dir/samples/TASK.jsonl, the materialised local task
-    YAMLs in out_dir/tasks/ and lmms-eval's submission files in out_dir/lmms_eval/.
-    max_new_tokens None keeps each task's own generation length.
+    Writes out_dir/results.json, out_dir/samples/TASK.jsonl, table.md, prompts.md/.json, the
+    materialised local task YAMLs in out_dir/tasks/ and lmms-eval's submission files in
+    out_dir/lmms_eval/. max_new_tokens None keeps each task's own generation length.
+    `textvqa_ocr` runs textvqa_val with LLaVA-1.5's OCR-token prompt (eval.textvqa_ocr).
     """
     force_offline()
     model_dir = Path(model_dir).resolve()
@@ -155,35 +242,9 @@ def run_lmms_eval(
     if batch_size != 1:
         raise InputError(f"eval.batch_size: lmms-eval's llava_hf generates one request at a time (got {batch_size})")
     requested = expand_tasks(tasks)
+    run_as = {t: lmms_task_name(t, textvqa_ocr) for t in requested}
     started = time.time()
-
-    skipped: dict[str, str] = {}
-    local_ok = []
-    for task in requested:
-        if lmms_task_name(task) in LOCAL_TASKS:
-            reason = check_task_available(task, data_root)
-            if reason:
-                skipped[task] = reason
-            else:
-                local_ok.append(lmms_task_name(task))
-    include = materialise_tasks(local_ok, out_dir / "tasks", data_root)
-
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
-
-    needs_defaults = any(lmms_task_name(t) not in LOCAL_TASKS for t in requested)
-    manager = TaskManager(include_path=str(include), include_defaults=needs_defaults)
-    unknown = [t for t in requested if t not in skipped and lmms_task_name(t) not in manager.all_tasks]
-    if unknown:
-        raise InputError(f"eval.tasks: not lmms-eval tasks or task sets: {', '.join(unknown)} "
-                         f"(sets: {', '.join(task_sets.TASK_SETS)})")
-    for task in requested:
-        if task not in skipped and lmms_task_name(task) not in LOCAL_TASKS:
-            reason = check_task_available(task, data_root, manager)
-            if reason:
-                skipped[task] = reason
-    runnable = [t for t in requested if t not in skipped]
-
+    manager, skipped, runnable = _plan(requested, run_as, data_root, out_dir)
     summary = {
         "lmms_eval_version": _lmms_version(),
         "model": LMMS_MODEL,
@@ -192,41 +253,34 @@ def run_lmms_eval(
         "tasks_requested": requested,
         "tasks_run": runnable,
         "skipped": skipped,
+        "run_as": {t: n for t, n in run_as.items() if n != t},
+        "textvqa_ocr": textvqa_ocr,
         "limit": limit,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "data_root": None if data_root is None else str(Path(data_root).resolve()),
+        "hf_datasets_cache": str(task_sets.hf_datasets_cache()),
         "tasks": {},
     }
     if runnable:
-        gen = "temperature=0" if max_new_tokens is None else f"max_new_tokens={max_new_tokens},temperature=0"
-        model_args = f"pretrained={model_dir},device={device},device_map={device},dtype=float32"
-        results = simple_evaluate(
-            model=LMMS_MODEL,
-            model_args=model_args,
-            tasks=[lmms_task_name(t) for t in runnable],
-            task_manager=manager,
-            batch_size=batch_size,
-            limit=limit,
-            log_samples=True,
-            gen_kwargs=gen,
-            bootstrap_iters=0,  # our paired bootstrap replaces lmms-eval's per-arm stderr
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            cli_args=argparse.Namespace(output_path=str(out_dir / "lmms_eval"), process_with_media=False),
-        )
-        summary["model_args"] = model_args
-        summary["gen_kwargs"] = gen
+        from lmms_eval.tasks import get_task_dict
+
+        task_dict = get_task_dict([run_as[t] for t in runnable], manager, "chat")
+        results, summary["model_args"], summary["gen_kwargs"] = _evaluate(
+            model_dir, list(task_dict.values()), manager, out_dir, limit=limit, batch_size=batch_size, device=device,
+            max_new_tokens=max_new_tokens, seed=seed)
         for task in runnable:
-            name = lmms_task_name(task)
+            name = run_as[task]
             metric_names = list(_metrics_of(results["results"].get(name, {})))
             records = [_sample_record(s, metric_names) for s in results.get("samples", {}).get(name, [])]
             text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
             atomic_write_text(out_dir / "samples" / f"{task}.jsonl", text)
             summary["tasks"][task] = _task_entry(task, name, results, records)
+        summary["prompts"] = _write_prompts(model_dir, runnable, run_as, task_dict, out_dir).name
     summary["seconds"] = round(time.time() - started, 3)
+    from .report import results_table
+
+    atomic_write_text(out_dir / "table.md", results_table(summary))
     atomic_write_json(out_dir / "results.json", json_finite(summary))
     return summary
 

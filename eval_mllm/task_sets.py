@@ -21,6 +21,12 @@ Metric choices (checked against lmms-eval 0.7.3's task YAMLs):
   lmms-eval's rule-scored `mmbench_en_dev_static`; lmms-eval has no Chinese twin, so
   `mmbench_cn_dev` runs as our local `mmbench_cn_dev_static` (same static MMBench_Evaluator).
 - MMVet: `gpt_eval_score`, GPT-judged; skipped with a note when OPENAI_API_KEY is unset.
+- TextVQA: `textvqa_val` runs as our `textvqa_val_ocr` (lmms-eval's textvqa_val with its `ocr`
+  prompt switch on: LLaVA-1.5's "Reference OCR token: ..." prompt) unless eval.textvqa_ocr=false.
+
+Offline availability: `datasets` 5.2 loads a hub dataset offline only from its prepared Arrow
+cache (`<cache>/<ns>___<name>/<config>/<version>/<hash>/dataset_info.json`); a hub snapshot of
+parquet files is not read (see pipeline.world.paper13). `check_task_available` checks exactly that.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ TASK_INFO: dict[str, TaskInfo] = {
     "vqav2_val": TaskInfo("VQAv2", "exact_match"),
     "gqa": TaskInfo("GQA", "exact_match"),
     "textvqa_val": TaskInfo("T-VQA", "exact_match"),
+    "textvqa_val_ocr": TaskInfo("T-VQA", "exact_match"),
     "scienceqa_img": TaskInfo("SciQA-I", "exact_match"),
     "vizwiz_vqa_val": TaskInfo("VizWiz", "exact_match"),
     "mmbench_en_dev": TaskInfo("MMB-en", "gpt_eval_score", "mmbench", scale=1.0, run_as="mmbench_en_dev_static"),
@@ -114,6 +121,21 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     "demo_mmbench": LocalTask("demo/demo_mmbench.yaml", "mmbench.parquet"),
     "mmbench_cn_dev_static": LocalTask("variants/mmbench_cn_dev_static.yaml",
                                        lmms_include="mmbench/_default_template_mmbench_cn_yaml"),
+    "textvqa_val_ocr": LocalTask("variants/textvqa_val_ocr.yaml", lmms_include="textvqa/textvqa_val.yaml"),
+}
+
+# Why a requested task runs under another lmms-eval name (reported next to the table).
+RUN_AS_REASONS: dict[str, str] = {
+    "mmbench_en_dev_static": "rule-based option matching (lmms-eval's mmbench_en_dev asks a GPT matcher)",
+    "mmbench_cn_dev_static": "rule-based option matching (lmms-eval's mmbench_cn_dev asks a GPT matcher)",
+    "textvqa_val_ocr": ("LLaVA-1.5's OCR-token prompt (\"Reference OCR token: ...\"); eval.textvqa_ocr=true, the "
+                        "default; lmms-eval's own textvqa_val has no OCR tokens"),
+}
+TEXTVQA_OCR_TASK = "textvqa_val_ocr"
+
+# Datasets a task's utils load besides its YAML's dataset_path (lmms_eval.tasks.gqa.utils.gqa_process_docs).
+EXTRA_DATASETS: dict[str, list[tuple[str, str]]] = {
+    "gqa": [("lmms-lab-encoder/GQA", "testdev_balanced_images")],
 }
 
 
@@ -122,7 +144,10 @@ def info(task: str) -> TaskInfo:
     return TASK_INFO.get(task) or TaskInfo(column=task, metric="")
 
 
-def lmms_task_name(task: str) -> str:
+def lmms_task_name(task: str, textvqa_ocr: bool = False) -> str:
+    """The lmms-eval task that runs for the requested `task` (`textvqa_ocr`: eval.textvqa_ocr)."""
+    if textvqa_ocr and task == "textvqa_val":
+        return TEXTVQA_OCR_TASK
     return info(task).run_as or task
 
 
@@ -192,45 +217,52 @@ def materialise_tasks(tasks: Iterable[str], out_dir: str | os.PathLike, data_roo
     return out
 
 
-def _hf_dataset_cached(repo_id: str) -> bool:
-    """True when `datasets` could load `repo_id` offline: a hub snapshot or a prepared Arrow cache."""
-    from datasets.naming import camelcase_to_snakecase
-    from huggingface_hub import constants
-
-    snapshots = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "snapshots"
-    if snapshots.is_dir() and any(snapshots.iterdir()):
-        return True
-    # Same directory choice as lmms_eval.api.task._resolve_hf_datasets_cache_dir.
+def hf_datasets_cache() -> Path:
+    """The cache lmms-eval hands to load_dataset: same choice as lmms_eval.api.task._resolve_hf_datasets_cache_dir."""
     hf_home = os.path.expanduser(os.getenv("HF_HOME", "~/.cache/huggingface"))
     cache = os.getenv("LMMS_EVAL_DATASETS_CACHE") or os.getenv("HF_DATASETS_CACHE") or os.path.join(hf_home, "datasets")
+    return Path(os.path.expanduser(cache))
+
+
+def _hf_dataset_cached(repo_id: str, config: str | None = None) -> bool:
+    """True when `datasets` can load `repo_id` (config `config`, any if None) offline: a prepared Arrow cache.
+
+    A hub snapshot (`hub/datasets--*/snapshots/`) does not count: datasets 5.2 never reads it offline.
+    """
+    from datasets.naming import camelcase_to_snakecase
+
     parts = repo_id.split("/")
     parts[-1] = camelcase_to_snakecase(parts[-1])
-    return any(p.is_dir() for p in (Path(os.path.expanduser(cache)) / "___".join(parts)).glob("*/*/*"))
+    root = hf_datasets_cache() / "___".join(parts)
+    return any(root.glob(f"{config or '*'}/*/*/dataset_info.json"))
 
 
-def _hub_dataset(task: str, task_manager) -> str | None:
+def _hub_dataset(task: str, task_manager) -> tuple[str, str | None] | None:
     from lmms_eval.utils import load_yaml_config
 
     entry = task_manager.task_index.get(task) if task_manager is not None else None
     if entry is None or entry.get("yaml_path", -1) == -1:
         return None
-    path = load_yaml_config(entry["yaml_path"], mode="simple").get("dataset_path")
+    cfg = load_yaml_config(entry["yaml_path"], mode="simple")
+    path = cfg.get("dataset_path")
     if not isinstance(path, str) or path in ("parquet", "json", "csv", "arrow", "text", "pandas") or os.path.exists(path):
         return None
-    return path
+    return path, cfg.get("dataset_name")
 
 
-def check_task_available(task: str, data_root: str | os.PathLike | None = None, task_manager=None) -> str | None:
+def check_task_available(task: str, data_root: str | os.PathLike | None = None, task_manager=None,
+                         run_as: str | None = None) -> str | None:
     """None when `task` can run here, else a one-line reason (the runner skips it and reports why).
 
     Judge tasks need OPENAI_API_KEY; demo tasks need their parquet under DATA/eval/; hub
-    tasks need their dataset in the local HF cache (this machine has no hub access).
-    Hub tasks are only checked when a `task_manager` (lmms_eval TaskManager) is given.
+    tasks need their dataset (and config) in the local prepared HF cache (no hub access here).
+    Hub tasks are only checked when a `task_manager` (lmms_eval TaskManager) is given or the
+    task is one of our variants. `run_as` is the lmms-eval name when it is not lmms_task_name(task).
     """
     meta = info(task)
     if meta.judge and not os.environ.get("OPENAI_API_KEY"):
         return f"{task}: scored by a GPT judge and OPENAI_API_KEY is not set; skipped"
-    name = lmms_task_name(task)
+    name = run_as or lmms_task_name(task)
     local = LOCAL_TASKS.get(name)
     if local is not None and local.data_file is not None:
         path = data_path(task, data_root)
@@ -242,10 +274,15 @@ def check_task_available(task: str, data_root: str | os.PathLike | None = None, 
     if local is not None and local.lmms_include:
         from lmms_eval.utils import load_yaml_config
 
-        repo = load_yaml_config(str(_lmms_tasks_dir() / local.lmms_include), mode="simple").get("dataset_path")
+        cfg = load_yaml_config(str(_lmms_tasks_dir() / local.lmms_include), mode="simple")
+        hub = (cfg.get("dataset_path"), cfg.get("dataset_name"))
     else:
-        repo = _hub_dataset(name, task_manager)
-    if repo and not _hf_dataset_cached(repo):
-        return (f"{task}: dataset {repo} is not available offline (HF cache empty); run on a machine with the "
-                "dataset cached or drop it from eval.tasks")
+        hub = _hub_dataset(name, task_manager)
+    needed = ([hub] if hub and hub[0] else []) + EXTRA_DATASETS.get(name, [])
+    for repo, config in needed:
+        if not _hf_dataset_cached(repo, config):
+            what = f"{repo} ({config})" if config else repo
+            return (f"{task}: dataset {what} is not in the offline HF cache {hf_datasets_cache()} (no prepared "
+                    "Arrow cache); run on a machine with the dataset cached, use HF_HOME=DIR from `ito-mllm data "
+                    "paper13-fixtures --out DIR`, or drop it from eval.tasks")
     return None

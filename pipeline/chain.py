@@ -167,7 +167,8 @@ def run_eval(cfg: RunConfig, rd: RunDir, model_dir: str | Path | None = None) ->
         data_root, _ = ensure_data(cfg, rd)
     out = rd.path / "eval"
     run_lmms_eval(model, cfg.eval.tasks, out, data_root=data_root, limit=cfg.eval.limit,
-                  batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed)
+                  batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed,
+                  textvqa_ocr=cfg.eval.textvqa_ocr)
     return {"results_json": out / "results.json", "samples_dir": out / "samples"}
 
 

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("tiny", "demo"), help="shorthand for data.size")
     p.add_argument("--seed", type=int, help="shorthand for data.seed")
     _add_common(p, "record the data in this run directory's manifest")
+    p = _command(data, "paper13-fixtures", "write small offline HF-cache fixtures of the 13 paper benchmarks "
+                 "(use with HF_HOME=OUT)", c.data_paper13_fixtures)
+    p.add_argument("--out", type=Path, required=True, help="directory to use as HF_HOME (datasets go to OUT/datasets)")
+    p.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
 
     s1 = sub.add_parser("stage1", help="dual-encoder pretraining (CLIP / ITO)").add_subparsers(
         dest="sub", metavar="SUBCOMMAND", required=True

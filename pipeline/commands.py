@@ -49,6 +49,17 @@ def data_demo(args) -> int:
     return 0
 
 
+def data_paper13_fixtures(args) -> int:
+    from pipeline.world.paper13 import summary_lines, write_paper13_fixtures
+
+    t0 = time.perf_counter()
+    manifest = write_paper13_fixtures(args.out, seed=args.seed)
+    print("\n".join(summary_lines(manifest)))
+    print(f"paper13 fixtures written to {args.out} in {time.perf_counter() - t0:.1f}s; evaluate with "
+          f"HF_HOME={args.out} ito-mllm eval --model MODEL --tasks paper13")
+    return 0
+
+
 def stage1_train(args) -> int:
     extra = [f"stage1.nproc={args.nproc}"] if args.nproc else []
     cfg, rd = resolve(args, extra)
@@ -100,6 +111,9 @@ def _print_results(path: Path) -> None:
     from pipeline.io import read_json
 
     res = read_json(path)
+    table = Path(path).with_name("table.md")
+    if table.is_file():
+        print(table.read_text(encoding="utf-8"))
     for task, entry in res.get("tasks", {}).items():
         print(f"{task:24s} {entry.get('metric', ''):18s} {entry.get('value_pct')}  (n={entry.get('n_samples')})")
     for task, why in res.get("skipped", {}).items():

@@ -102,7 +102,7 @@ def write_demo_eval(root: Path) -> Path:
     return root
 
 
-def write_tiny_llava(out: Path, calibrate=()) -> Path:
+def write_tiny_llava(out: Path, calibrate=(), chat_template: str = CHAT_TEMPLATE) -> Path:
     """Random tiny LlavaForConditionalGeneration + LlavaProcessor (LLaMA SentencePiece, vicuna_v1 template).
 
     lm_head is zero except the rows of "▁yes" and "▁no", which read two hidden units: the greedy
@@ -128,7 +128,7 @@ def write_tiny_llava(out: Path, calibrate=()) -> Path:
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tok.pad_token = tok.unk_token
     image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=image_proc, tokenizer=tok, chat_template=CHAT_TEMPLATE, patch_size=8,
+    processor = LlavaProcessor(image_processor=image_proc, tokenizer=tok, chat_template=chat_template, patch_size=8,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=32, patch_size=8, projection_dim=32)
@@ -231,19 +231,26 @@ def test_expand_tasks():
 def test_check_task_available(tmp_path, monkeypatch, default_manager):
     import huggingface_hub.constants as hub
 
+    from pipeline.world.paper13 import spec_for, write_spec
+
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "datasets"))
     assert "OPENAI_API_KEY is not set" in check_task_available("mmvet", task_manager=default_manager)
     reason = check_task_available("mmstar", task_manager=default_manager)
-    assert reason == ("mmstar: dataset Lin-Chen/MMStar is not available offline (HF cache empty); run on a machine "
-                      "with the dataset cached or drop it from eval.tasks")
-    assert "lmms-lab-encoder/MMBench" in check_task_available("mmbench_cn_dev", task_manager=default_manager)
-    assert "lmms-lab-encoder/MMBench" in check_task_available("mmbench_en_dev", task_manager=default_manager)
-    # a hub snapshot or a prepared Arrow cache makes the task available
+    assert reason == (f"mmstar: dataset Lin-Chen/MMStar is not in the offline HF cache {tmp_path / 'datasets'} (no "
+                      "prepared Arrow cache); run on a machine with the dataset cached, use HF_HOME=DIR from `ito-mllm "
+                      "data paper13-fixtures --out DIR`, or drop it from eval.tasks")
+    assert "lmms-lab-encoder/MMBench (cn)" in check_task_available("mmbench_cn_dev", task_manager=default_manager)
+    assert "lmms-lab-encoder/MMBench (en)" in check_task_available("mmbench_en_dev", task_manager=default_manager)
+    # a hub snapshot is not enough (datasets 5.2 never reads it offline); a prepared Arrow cache is
     (tmp_path / "hub" / "datasets--Lin-Chen--MMStar" / "snapshots" / "abc").mkdir(parents=True)
+    assert check_task_available("mmstar", task_manager=default_manager) == reason
+    write_spec(spec_for("Lin-Chen/MMStar", "val"), tmp_path / "datasets", 0)
     assert check_task_available("mmstar", task_manager=default_manager) is None
-    (tmp_path / "datasets" / "lmms-lab-encoder___pope" / "Full" / "0.0.0" / "hash").mkdir(parents=True)
+    info = tmp_path / "datasets" / "lmms-lab-encoder___pope" / "Full" / "0.0.0" / "hash" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text("{}")
     assert check_task_available("pope_adv", task_manager=default_manager) is None
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     assert "MMVet" in check_task_available("mmvet", task_manager=default_manager)

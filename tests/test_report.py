@@ -180,7 +180,8 @@ def test_report_from_two_arms(tmp_path):
     assert vqa["delta"] == pytest.approx(25.0) and vqa["n"] == 4
     # ito is never worse on a VQA document: every resample has delta >= 0
     assert vqa["ci_low"] >= 0.0 and vqa["ci_high"] <= 100.0
-    assert rep["benchmarks"] == ["demo_vqav2", "demo_pope_random", "ok_vqa"]  # paper column order, then others
+    # paper column order, then others; a skipped paper13 task keeps its Table-4 column
+    assert rep["benchmarks"] == ["demo_vqav2", "mmvet", "demo_pope_random", "ok_vqa"]
     assert "ok_vqa" not in rep["deltas"] and any(n.startswith("ok_vqa: no per-sample statistic") for n in rep["notes"])
     assert rep["all_metrics"]["clip"]["demo_pope_random"]["pope_accuracy"] == 0.5
     assert rep["stage1"]["ito"]["zero_shot_top1"] == 0.5
@@ -191,9 +192,9 @@ def test_report_from_two_arms(tmp_path):
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["deltas"]["demo_vqav2"]["ito"]["delta"] == pytest.approx(25.0)
     md = (out / "report.md").read_text()
-    assert "| tower | VQAv2 | POPE-r | ok_vqa |" in md
-    assert f"| clip | {50 * (1 + 1 / 3) / 2:.2f} | {400 / 7:.2f} | 50.00 |" in md
-    assert f"| ito | {100 * (7 / 3) / 4:.2f} | 75.00 | 50.00 |" in md
+    assert "| tower | VQAv2 | MMVet | POPE-r | ok_vqa |" in md
+    assert f"| clip | {50 * (1 + 1 / 3) / 2:.2f} | skipped | {400 / 7:.2f} | 50.00 |" in md
+    assert f"| ito | {100 * (7 / 3) / 4:.2f} | — | 75.00 | 50.00 |" in md
     assert "| zero-shot top-1 | 0.2500 | 0.5000 |" in md
     assert "![ito UMAP](../ito/umap.png)" in md
     for png in ("deltas.png", "curve_stage2_finetune.png"):
