@@ -17,3 +17,5 @@ class EvalConfig:
     seed: int = option(0, min=0)
     textvqa_ocr: bool = option(True, help="run textvqa_val with LLaVA-1.5's OCR-token prompt (task textvqa_val_ocr); "
                                           "false: lmms-eval's textvqa_val without OCR tokens")
+    blind: bool = option(True, help="also score every model with each image replaced by a uniform grey one (the "
+                                    "language-prior floor, step eval_blind)")

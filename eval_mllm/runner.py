@@ -180,13 +180,21 @@ def _plan(requested: list[str], run_as: dict[str, str], data_root, out_dir: Path
 
 
 def _evaluate(model_dir: Path, task_objs: list, manager, out_dir: Path, *, limit, batch_size, device,
-              max_new_tokens, seed) -> tuple[dict, str, str]:
+              max_new_tokens, seed, blind: bool = False) -> tuple[dict, str, str]:
     from lmms_eval.evaluator import simple_evaluate
 
     gen = "temperature=0" if max_new_tokens is None else f"max_new_tokens={max_new_tokens},temperature=0"
     model_args = f"pretrained={model_dir},device={device},device_map={device},dtype=float32"
+    model = LMMS_MODEL
+    if blind:  # the same adapter, built here so its requests can be rewritten to grey images
+        from lmms_eval import models
+
+        from .blind import blind as make_blind
+
+        model = make_blind(models.get_model(LMMS_MODEL).create_from_arg_string(
+            model_args, {"batch_size": batch_size, "max_batch_size": None, "device": None}))
     results = simple_evaluate(
-        model=LMMS_MODEL,
+        model=model,
         model_args=model_args,
         tasks=task_objs,  # built once by the runner, so prompts.md renders from the very task objects that ran
         task_manager=manager,
@@ -227,6 +235,7 @@ def run_lmms_eval(
     max_new_tokens: int | None = 16,
     seed: int = 0,
     textvqa_ocr: bool = True,
+    blind: bool = False,
 ) -> dict:
     """Evaluate `model_dir` (a LlavaForConditionalGeneration dir) on `tasks` (names or sets).
 
@@ -234,6 +243,8 @@ def run_lmms_eval(
     materialised local task YAMLs in out_dir/tasks/ and lmms-eval's submission files in
     out_dir/lmms_eval/. max_new_tokens None keeps each task's own generation length.
     `textvqa_ocr` runs textvqa_val with LLaVA-1.5's OCR-token prompt (eval.textvqa_ocr).
+    `blind` replaces every image by a uniform grey one of the same size (eval_mllm.blind): the
+    language-prior floor of the same model, scored by the same task code.
     """
     force_offline()
     model_dir = Path(model_dir).resolve()
@@ -258,6 +269,7 @@ def run_lmms_eval(
         "limit": limit,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "blind": blind,
         "data_root": None if data_root is None else str(Path(data_root).resolve()),
         "hf_datasets_cache": str(task_sets.hf_datasets_cache()),
         "tasks": {},
@@ -268,7 +280,7 @@ def run_lmms_eval(
         task_dict = get_task_dict([run_as[t] for t in runnable], manager, "chat")
         results, summary["model_args"], summary["gen_kwargs"] = _evaluate(
             model_dir, list(task_dict.values()), manager, out_dir, limit=limit, batch_size=batch_size, device=device,
-            max_new_tokens=max_new_tokens, seed=seed)
+            max_new_tokens=max_new_tokens, seed=seed, blind=blind)
         for task in runnable:
             name = run_as[task]
             metric_names = list(_metrics_of(results["results"].get(name, {})))

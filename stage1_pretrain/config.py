@@ -18,7 +18,8 @@ class Stage1Config:
     train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar) or CSV; empty: the run's demo data")
     image_root: str = option("", help="folder a CSV's image paths are relative to and must stay inside (empty: the CSV's folder)")
     eval_data: str = option("", help="JSONL of {image, caption, label?} records; empty: the run's demo eval split")
-    epochs: int = option(1, min=1, help="passes over the training data")
+    epochs: int = option(1, min=0, help="passes over the training data (0: no training; the initialised towers are "
+                         "exported, the untrained `random` control arm)")
     samples_per_epoch: int | None = option(None, min=1, help="samples per epoch; required with resampled shards")
     resample_shards: bool = option(False, help="sample shards with replacement (infinite stream, as open_clip --dataset-resampled)")
     batch_size: int = option(64, min=1, help="global batch (all processes, after accumulation)")

@@ -123,6 +123,7 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
     counters = DataCounters()
     step, epoch, batch_in_epoch = 0, 0, 0
     if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even with epochs=0 (the untrained control arm)
         sweep_partial(ckpt_dir)
     ck = latest_checkpoint(ckpt_dir)
     if ck is not None:
