@@ -45,6 +45,21 @@ def test_train_logs_every_loss_term(shards, tmp_path):
     assert not any("fusion" in k for k in final)
 
 
+@pytest.mark.parametrize("method,keys", [("slip", ("contrastive_loss", "ssl_loss", "ssl", "ssl_acc")),
+                                         ("flair", ("tcs_loss", "mps_loss", "tcs", "mps"))])
+def test_slip_and_flair_train_from_shards(shards, tmp_path, method, keys):
+    """The loader feeds SLIP its 2 extra SSL views and FLAIR its K=8 sub-captions; heads stay out of final/."""
+    torch.set_num_threads(1)
+    summary = train(_cfg(f"stage1.method={method}", "stage1.epochs=1"), shards, None, tmp_path, max_steps=2)
+    assert summary["steps"] == 2 and summary["data_counters"]["bad"] == 0
+    r = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert all(k in r for k in keys), r
+    assert r["loss"] == pytest.approx(sum(r[k] for k in keys if k.endswith("_loss")), rel=1e-5)
+    final = load_safetensors(tmp_path / "final" / "model.safetensors")
+    assert not any(k.startswith(("ssl", "flair", "layer", "bn")) or "pool" in k for k in final)
+    assert ("logit_bias" in final) == (method == "flair")
+
+
 def _launch_killable(shards, out, over):
     code = (
         "import torch; torch.set_num_threads(1)\n"
