@@ -49,7 +49,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             with torch.no_grad():
                 count = every.shape[0]
                 self.num_batches_tracked += 1
-                m = self.momentum
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(m * mean)
                 self.running_var.mul_(1 - m).add_(m * var * count / max(count - 1, 1))
         out = (x - mean) / torch.sqrt(var + self.eps)
