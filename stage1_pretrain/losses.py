@@ -196,7 +196,7 @@ def sample_ids(tokens: torch.Tensor) -> torch.Tensor:
     """
     flat = tokens.reshape(tokens.shape[0], -1).long() % HASH_PRIME
     coeff = torch.tensor([pow(HASH_BASE, i, HASH_PRIME) for i in range(flat.shape[1])], device=tokens.device)
-    return ((flat * coeff) % HASH_PRIME).sum(dim=1) % HASH_PRIME  # each product < 2^47: no int64 overflow
+    return ((flat * coeff) % HASH_PRIME).sum(dim=1) % HASH_PRIME  # factors < 2^31: products fit in int64
 
 
 def negative_slot(id_i: torch.Tensor, id_j: torch.Tensor, k: int) -> torch.Tensor:
