@@ -65,9 +65,10 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
 
 def _loader(cfg, build, method, train_data, epoch, rank, world, skip, counters):
     pre = build.task.model.visual.preprocess_cfg
+    ssl = make_view_transform(method.ssl_augment, pre["size"], pre["mean"], pre["std"]) if method.use_ssl else None
     views = MultiView(
         make_view_transform(cfg.augment, pre["size"], pre["mean"], pre["std"], cfg.image_crop_scale_min),
-        method.image_views,
+        method.image_views, ssl, method.ssl_views,  # SSL views: their policy's own crop scale
     )
     return build_train_loader(
         train_data, tokenizer=build.tokenizer, image_transform=views,

@@ -116,3 +116,22 @@ def test_arm_keys_differ_only_from_stage1_on():
     a, b = chain.step_keys(arm_config(cfg, "clip")), chain.step_keys(arm_config(cfg, "ito"))
     assert a["data"] == b["data"]
     assert all(a[s] != b[s] for s in ("stage1", "stage2_pretrain", "stage2_finetune", "eval"))
+
+
+@pytest.mark.slow
+def test_tiny_ab_with_the_papers_baselines(tmp_path):
+    """clip, slip, flair and ito as A/B arms: each trains, exports and feeds stage 2 and eval."""
+    arms = {"clip": "clip", "slip": "slip", "flair": "flair", "ito": "ito"}
+    spec = "{" + ", ".join(f"{a}: {{stage1.method: {m}}}" for a, m in arms.items()) + "}"
+    assert main(["ab", "--config", "tiny", "--run-dir", str(tmp_path), f"ab.arms={spec}"]) == 0
+    report = json.loads(RunDir(tmp_path).output("report", "json").read_text())
+    assert set(report["table"]) == set(arms)
+    for arm, method in arms.items():
+        rd = RunDir(tmp_path / "arms" / arm)
+        assert all(rd.stage(s)["status"] == "done" for s in STAGE_OUTPUTS), arm
+        assert f"method: {method}" in (rd.path / "config.yaml").read_text()
+        log = [json.loads(x) for x in rd.output("stage1", "train_log").read_text().splitlines()]
+        losses = {k for r in log for k in r if k.endswith("_loss")}
+        assert losses == {"clip": {"contrastive_loss"}, "slip": {"contrastive_loss", "ssl_loss"},
+                          "flair": {"tcs_loss", "mps_loss"}, "ito": {"contrastive_loss", "fusion_loss"}}[arm], arm
+        assert json.loads(rd.output("stage1", "metrics_json").read_text()), arm
