@@ -123,7 +123,7 @@ def test_tiny_ab_with_the_papers_baselines(tmp_path):
     """clip, slip, flair and ito as A/B arms: each trains, exports and feeds stage 2 and eval."""
     arms = {"clip": "clip", "slip": "slip", "flair": "flair", "ito": "ito"}
     spec = "{" + ", ".join(f"{a}: {{stage1.method: {m}}}" for a, m in arms.items()) + "}"
-    assert main(["ab", "--config", "tiny", "--run-dir", str(tmp_path), f"ab.arms={spec}"]) == 0
+    assert main(["ab", "--config", "tiny", "--run-dir", str(tmp_path), f"ab.arms={spec}", "ab.control="]) == 0
     report = json.loads(RunDir(tmp_path).output("report", "json").read_text())
     assert set(report["table"]) == set(arms)
     for arm, method in arms.items():
