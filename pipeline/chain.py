@@ -92,11 +92,24 @@ def run_stage1_export(cfg: RunConfig, rd: RunDir) -> dict[str, Path]:
     return stage.export(cfg.stage1, d["train"], d["open_clip"], d["hf_clip"])
 
 
+def probe_sources(cfg: RunConfig, rd: RunDir) -> tuple[str, str] | None:
+    """(train, test) JSONLs of the paper-style linear probe: the config's, else the demo world's, else None."""
+    if cfg.stage1.probe_train or cfg.stage1.probe_test:
+        return cfg.stage1.probe_train, cfg.stage1.probe_test
+    if cfg.stage1.eval_data:
+        return None  # the user's own eval set: the quick probe on its halves
+    root, manifest = ensure_data(cfg, rd)
+    paths = manifest["paths"]
+    if "stage1_probe_train" not in paths:
+        return None
+    return str(root / paths["stage1_probe_train"]), str(root / paths["stage1_probe_test"])
+
+
 def run_stage1_eval(cfg: RunConfig, rd: RunDir, open_clip_dir: Path) -> dict[str, Path]:
     from stage1_pretrain import stage
 
     _, eval_data = stage1_sources(cfg, rd)
-    outs = stage.evaluate(cfg.stage1, open_clip_dir, eval_data, stage1_dirs(rd)["eval"])
+    outs = stage.evaluate(cfg.stage1, open_clip_dir, eval_data, stage1_dirs(rd)["eval"], probe_sources(cfg, rd))
     return {"metrics_json": outs["metrics_json"], "umap_png": outs["umap_png"]}
 
 

@@ -18,6 +18,9 @@ class Stage1Config:
     train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar) or CSV; empty: the run's demo data")
     image_root: str = option("", help="folder a CSV's image paths are relative to and must stay inside (empty: the CSV's folder)")
     eval_data: str = option("", help="JSONL of {image, caption, label?} records; empty: the run's demo eval split")
+    probe_train: str = option("", help="labelled JSONL the linear probe trains on (with probe_test: the paper's AdamW "
+                              "protocol); empty: the demo world's probe split, else a quick probe on halves of eval_data")
+    probe_test: str = option("", help="labelled JSONL the linear probe is scored on (same classnames.json as probe_train)")
     epochs: int = option(1, min=0, help="passes over the training data (0: no training; the initialised towers are "
                          "exported, the untrained `random` control arm)")
     samples_per_epoch: int | None = option(None, min=1, help="samples per epoch; required with resampled shards")
@@ -71,6 +74,8 @@ class Stage1Config:
             name = getattr(self, key)
             if name is not None and name not in AUGMENT_POLICIES:
                 raise ConfigError(f"{prefix}.{key}: unknown policy {name!r}; known: {', '.join(sorted(AUGMENT_POLICIES))}")
+        if bool(self.probe_train) != bool(self.probe_test):
+            raise ConfigError(f"{prefix}.probe_train/probe_test: set both (a train and a test JSONL) or neither")
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps={self.accum_steps}")
         if self.batch_size % (self.accum_steps * self.nproc):

@@ -107,6 +107,36 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *, C: float
     return float(np.mean(probe.predict(x_te) == y_te))
 
 
+def linear_probe_adamw(train_feats, train_labels, test_feats, test_labels, *, epochs: int = 30, lr: float = 0.1,
+                       weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0) -> float | None:
+    """Top-1 accuracy of a linear classifier trained on frozen features with AdamW and a cosine schedule.
+
+    The paper's protocol ("a linear classifier on frozen visual features for 30 epochs using AdamW with a
+    cosine learning-rate schedule"), with clip_benchmark's linear-probe defaults (lr 0.1, no weight
+    decay, no warm-up). None without test samples. Deterministic for a seed.
+    """
+    x_tr, x_te = (torch.as_tensor(_numpy(x), dtype=torch.float32) for x in (train_feats, test_feats))
+    y_tr, y_te = (torch.as_tensor(_numpy(y), dtype=torch.long) for y in (train_labels, test_labels))
+    if len(y_te) == 0:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(x_tr.shape[1], int(max(y_tr.max(), y_te.max())) + 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(y_tr) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y_tr), generator=gen).split(batch_size):
+            loss = torch.nn.functional.cross_entropy(head(x_tr[idx]), y_tr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return float((head(x_te).argmax(1) == y_te).float().mean())
+
+
 def modality_gap(image_emb: torch.Tensor, text_emb: torch.Tensor, *, seed: int = 0) -> dict[str, float | None]:
     """Modality-gap measures (Liang et al. 2022, "Mind the Gap").
 

@@ -42,10 +42,14 @@ def load_exported(open_clip_dir: str | Path):
     return model.eval(), preprocess, open_clip.get_tokenizer(ref)
 
 
-def evaluate(cfg, open_clip_dir: str | Path, eval_data: str | Path, out_dir: str | Path) -> dict[str, Path]:
+def evaluate(cfg, open_clip_dir: str | Path, eval_data: str | Path, out_dir: str | Path,
+             probe: tuple[str, str] | None = None) -> dict[str, Path]:
+    """Stage-1 metrics of the exported model; `probe` (train JSONL, test JSONL) selects the paper's linear probe."""
     from .evaluate import evaluate as run_eval
 
     model, preprocess, tokenizer = load_exported(open_clip_dir)
-    run_eval(model, preprocess, tokenizer, eval_data, out_dir, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+    train, test = probe or (None, None)
+    run_eval(model, preprocess, tokenizer, eval_data, out_dir, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+             probe_train=train, probe_test=test)
     out = Path(out_dir)
     return {"metrics_json": out / "metrics.json", "metrics_md": out / "metrics.md", "umap_png": out / "umap.png"}

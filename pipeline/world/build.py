@@ -18,19 +18,21 @@ import numpy as np
 
 from pipeline.io import InputError
 from pipeline.world import benchmarks, instruct, writers
-from pipeline.world.language import caption
+from pipeline.world.language import brief_caption, caption
 from pipeline.world.scenes import COLORS, SHAPES, jpeg_bytes, render, sample_scene
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "2.0.0"
 SIZES = {
     "tiny": {"stage1_train": 256, "stage1_shards": 2, "stage1_eval": 64, "stage2_images": 64, "stage2_finetune": 96,
-             "pope_images": 8, "vqav2": 32, "gqa": 32, "mmstar": 32, "mmbench_questions": 8},
+             "pope_images": 8, "vqav2": 32, "gqa": 32, "mmstar": 32, "mmbench_questions": 8,
+             "probe_train_per_class": 2, "probe_test_per_class": 1},
     "demo": {"stage1_train": 8192, "stage1_shards": 16, "stage1_eval": 500, "stage2_images": 3000,
              "stage2_finetune": 4000, "pope_images": 50, "vqav2": 300, "gqa": 300, "mmstar": 300,
-             "mmbench_questions": 100},
+             "mmbench_questions": 100, "probe_train_per_class": 20, "probe_test_per_class": 10},
 }
 STREAMS = {"stage1_train": 1, "stage1_eval": 2, "stage2_images": 3, "stage2_finetune": 4, "pope": 5, "vqav2": 6,
-           "gqa": 7, "mmstar": 8, "mmbench": 9, "labels": 10}
+           "gqa": 7, "mmstar": 8, "mmbench": 9, "labels": 10,
+           "probe_train": 11, "probe_test": 12}
 TEMPLATES = ["a photo of a {}.", "a rendering of a {}.", "a {} on a background.", "a drawing of a {}.",
              "a picture of a small or large {}.", "there is a {} in the image."]
 MAX_ATTEMPTS = 50
@@ -83,7 +85,7 @@ def _stage1_train(w: _World, n: int, n_shards: int) -> list[str]:
         samples = []
         for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
             scene, jpeg, rng = w.sample("stage1_train", i, train=True)
-            key, text = f"{i:09d}", caption(scene, rng)
+            key, text = f"{i:09d}", brief_caption(scene, rng)
             meta = {"key": key, "caption": text, "width": w.image_size, "height": w.image_size,
                     "original_width": w.image_size, "original_height": w.image_size, "status": "success",
                     "error_message": None, "url": f"world://stage1/{key}", "sha256": hashlib.sha256(jpeg).hexdigest(),
@@ -94,21 +96,33 @@ def _stage1_train(w: _World, n: int, n_shards: int) -> list[str]:
     return names
 
 
-def _stage1_eval(w: _World, n: int) -> None:
+def _labelled(w: _World, stream: str, folder: str, n: int) -> tuple[list[dict], list[dict]]:
+    """`n` single-object images whose (colour, shape) cycles over the 80 classes; (records, scenes)."""
     classes = sorted(f"{c} {s}" for c in COLORS for s in SHAPES)
-    order = _rng(w.seed, "labels", 0).permutation(len(classes))  # balanced, seed-dependent class coverage
+    order = _rng(w.seed, "labels", STREAMS[stream]).permutation(len(classes))  # balanced, seed-dependent coverage
     records, scenes = [], []
     for i in range(n):
         label = classes[int(order[i % len(classes)])]
         color, shape = label.split(" ")
-        scene, jpeg, rng = w.sample("stage1_eval", i, train=False, n_objects=1, first=(color, shape))
-        w.write_image("stage1/eval/images", f"{i:06d}.jpg", jpeg)
-        records.append({"image": f"images/{i:06d}.jpg", "caption": caption(scene, rng), "label": label})
+        scene, jpeg, rng = w.sample(stream, i, train=False, n_objects=1, first=(color, shape))
+        w.write_image(f"{folder}/images", f"{i:06d}.jpg", jpeg)
+        records.append({"image": f"images/{i:06d}.jpg", "caption": brief_caption(scene, rng), "label": label})
         scenes.append({"image": f"images/{i:06d}.jpg", "scene": scene})
+    return records, scenes
+
+
+def _stage1_eval(w: _World, n: int, probe_train: int, probe_test: int) -> None:
+    """The zero-shot/retrieval split, and a linear-probe train/test pair (same classes, disjoint images)."""
+    classes = sorted(f"{c} {s}" for c in COLORS for s in SHAPES)
+    records, scenes = _labelled(w, "stage1_eval", "stage1/eval", n)
     w.write("stage1/eval/eval.jsonl", writers.write_jsonl, records)
     w.write("stage1/eval/scenes.jsonl", writers.write_jsonl, scenes)
     w.write("stage1/eval/classnames.json", writers.write_json, classes)
     w.write("stage1/eval/templates.json", writers.write_json, TEMPLATES)
+    for split, per_class in (("train", probe_train), ("test", probe_test)):
+        records, _ = _labelled(w, f"probe_{split}", f"stage1/probe_{split}", per_class * len(classes))
+        w.write(f"stage1/probe_{split}/probe.jsonl", writers.write_jsonl, records)
+        w.write(f"stage1/probe_{split}/classnames.json", writers.write_json, classes)
 
 
 def _stage2(w: _World, n_images: int, n_finetune: int) -> int:
@@ -192,7 +206,7 @@ def generate(out_dir: str | os.PathLike, size: str = "demo", seed: int = 0, imag
 
     shards = _stage1_train(w, c["stage1_train"], c["stage1_shards"])
     text_only = _stage2(w, c["stage2_images"], c["stage2_finetune"])
-    _stage1_eval(w, c["stage1_eval"])
+    _stage1_eval(w, c["stage1_eval"], c["probe_train_per_class"], c["probe_test_per_class"])
     rows = _eval_sets(w, c)
     _prune(root, "stage1/shards", ".tar", shards)
     for folder, names in w.folders.items():
@@ -201,7 +215,8 @@ def generate(out_dir: str | os.PathLike, size: str = "demo", seed: int = 0, imag
 
     counts = {
         "stage1_train": c["stage1_train"], "stage1_shards": len(shards), "stage1_eval": c["stage1_eval"],
-        "stage1_classes": len(COLORS) * len(SHAPES), "stage2_images": c["stage2_images"],
+        "stage1_classes": len(COLORS) * len(SHAPES), "stage1_probe_train": c["probe_train_per_class"] * len(COLORS) * len(SHAPES),
+        "stage1_probe_test": c["probe_test_per_class"] * len(COLORS) * len(SHAPES), "stage2_images": c["stage2_images"],
         "stage2_pretrain": c["stage2_images"], "stage2_finetune": c["stage2_finetune"],
         "stage2_finetune_text_only": text_only, "pope_images": c["pope_images"],
         "mmbench_questions": c["mmbench_questions"], **rows,
@@ -214,6 +229,8 @@ def generate(out_dir: str | os.PathLike, size: str = "demo", seed: int = 0, imag
         "paths": {
             "stage1_shards": "stage1/shards/{" + shards[0][:-4] + ".." + shards[-1][:-4] + "}.tar",
             "stage1_eval": "stage1/eval/eval.jsonl",
+            "stage1_probe_train": "stage1/probe_train/probe.jsonl",
+            "stage1_probe_test": "stage1/probe_test/probe.jsonl",
             "stage1_classnames": "stage1/eval/classnames.json",
             "stage1_templates": "stage1/eval/templates.json",
             "stage2_pretrain": "stage2/pretrain.json",

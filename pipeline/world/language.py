@@ -39,6 +39,7 @@ OBJECT_TEMPLATES = (
     "{a_obj} is placed {where}.",
     "{Where} is {a_obj}.",
 )
+BARE_TEMPLATES = ("{a_obj}.", "There is {a_obj}.", "You can see {a_obj}.", "The image shows {a_obj}.")
 BACKGROUND_TEMPLATES = {
     "solid": ("The background is plain {bg}.", "Everything is set against a plain {bg} background.",
               "The backdrop is solid {bg}."),
@@ -85,10 +86,13 @@ def relation(a: dict, b: dict) -> str:
     return "above" if ia // 3 < ib // 3 else "below"
 
 
-def object_sentence(obj: dict, rng: np.random.Generator) -> str:
-    phrase = name(obj) if rng.random() < 0.2 else f"{obj['size']} {name(obj)}"
-    where = _choice(rng, WHERE[obj["region"]])
-    text = _choice(rng, OBJECT_TEMPLATES).format(a_obj=with_article(phrase), where=where, Where=where.capitalize())
+def object_sentence(obj: dict, rng: np.random.Generator, p_size: float = 0.8, p_where: float = 1.0) -> str:
+    phrase = f"{obj['size']} {name(obj)}" if rng.random() < p_size else name(obj)
+    if rng.random() < p_where:
+        where = _choice(rng, WHERE[obj["region"]])
+        text = _choice(rng, OBJECT_TEMPLATES).format(a_obj=with_article(phrase), where=where, Where=where.capitalize())
+    else:
+        text = _choice(rng, BARE_TEMPLATES).format(a_obj=with_article(phrase))
     return text[0].upper() + text[1:]
 
 
@@ -125,6 +129,29 @@ def caption(scene: dict, rng: np.random.Generator, detailed: bool = False) -> st
     count = count_sentence(len(objs), rng)
     sentences = [count] + body if detailed or rng.random() < 0.5 else body + [count]
     return " ".join(sentences)
+
+
+# Brief (alt-text) captions: every object by colour and shape, the rest of the scene only sometimes.
+BRIEF = {"size": 0.5, "where": 0.4, "relation": 0.2, "background": 0.3, "count": 0.3}
+
+
+def brief_caption(scene: dict, rng: np.random.Generator) -> str:
+    """An alt-text-like caption: one sentence per object (colour and shape always; size and place sometimes),
+    then, each with its own probability (`BRIEF`), a relation, the background and the object count.
+
+    The stage-1 pairs use it: when every caption spells out the background and each object's place, those
+    alone tell a batch's images apart and a contrastive tower never needs the shapes (measured: zero-shot
+    shape accuracy at chance while retrieval R@10 reached 89%)."""
+    objs = scene["objects"]
+    body = [object_sentence(objs[int(i)], rng, BRIEF["size"], BRIEF["where"]) for i in rng.permutation(len(objs))]
+    if len(objs) > 1 and rng.random() < BRIEF["relation"]:
+        i, j = (int(k) for k in rng.choice(len(objs), size=2, replace=False))
+        body.append(relation_sentence(objs[i], objs[j], rng))
+    if rng.random() < BRIEF["background"]:
+        body.insert(int(rng.integers(0, len(body) + 1)), background_sentence(scene["background"], rng))
+    if rng.random() < BRIEF["count"]:
+        body.append(count_sentence(len(objs), rng))
+    return " ".join(body)
 
 
 # --- questions ---------------------------------------------------------------------------
