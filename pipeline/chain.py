@@ -168,7 +168,8 @@ def run_eval(cfg: RunConfig, rd: RunDir, model_dir: str | Path | None = None) ->
     out = rd.path / "eval"
     run_lmms_eval(model, cfg.eval.tasks, out, data_root=data_root, limit=cfg.eval.limit,
                   batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed,
-                  textvqa_ocr=cfg.eval.textvqa_ocr)
+                  textvqa_ocr=cfg.eval.textvqa_ocr, device=cfg.eval.device, precision=cfg.eval.precision,
+                  nproc=cfg.eval.nproc)
     return {"results_json": out / "results.json", "samples_dir": out / "samples"}
 
 
