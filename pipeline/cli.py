@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(_command(sub, "ab", "run every arm of ab.arms and write the A/B report", c.ab))
     _add_common(_command(sub, "demo", "the first-time user's command: the full CLIP-vs-ITO A/B on the demo world", c.demo))
 
+    p = _command(sub, "plan", "cost before running: parameters, memory per GPU, FLOPs, GPU-hours, disk per stage "
+                 "(models on the meta device; writes RUN_DIR/plan.json)", c.plan)
+    _add_common(p, "write plan.json here (default: runs/<config name>)")
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     _add_common(_command(cfg, "show", "print the resolved config as YAML", c.config_show))
     _command(cfg, "keys", "list every config key with its type, default and help", c.config_keys)

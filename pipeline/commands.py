@@ -147,6 +147,18 @@ def demo(args) -> int:
     return ab(args)
 
 
+def plan(args) -> int:
+    from pipeline.io import atomic_write_json
+    from pipeline.plan import make_plan, render
+
+    cfg, _ = resolve(args, save=False)  # a plan writes no config: the run that follows may still change it
+    result = make_plan(cfg)
+    print(render(result))
+    path = atomic_write_json(Path(args.run_dir or Path("runs") / cfg.name) / "plan.json", result)
+    print(f"\nplan.json: {path}")
+    return 0
+
+
 def config_show(args) -> int:
     cfg, _ = resolve(args, save=False)
     sys.stdout.write(dump_yaml(cfg))

@@ -16,6 +16,8 @@ class PhaseConfig:
     data: str = option("", help="LLaVA JSON file; empty: the run's demo data for this phase")
     image_folder: str = option("", help="folder the JSON's image paths are relative to")
     template: str = option("plain", help="conversation template: plain, vicuna_v1")
+    image_aspect_ratio: str = option("pad", choices=("pad", "square"), help="LLaVA's image_aspect_ratio: pad (pad to a "
+                                     "square with the image-mean colour, then resize) or square (resize + centre crop)")
     epochs: float = option(1.0, min=0.0)
     max_steps: int | None = option(None, min=1, help="stop after this many optimizer steps")
     global_batch_size: int = option(256, min=1)
@@ -30,12 +32,13 @@ class PhaseConfig:
 
 
 def _pretrain() -> PhaseConfig:
-    return PhaseConfig(template="plain", global_batch_size=256, lr=1e-3, deepspeed="zero2")
+    # LLaVA-1.5's pretrain.sh sets no image_aspect_ratio: its default, resize + centre crop (no padding)
+    return PhaseConfig(template="plain", image_aspect_ratio="square", global_batch_size=256, lr=1e-3, deepspeed="zero2")
 
 
 def _finetune() -> PhaseConfig:
     return PhaseConfig(
-        template="vicuna_v1", global_batch_size=128, per_device_batch_size=16, lr=2e-5,
+        template="vicuna_v1", image_aspect_ratio="pad", global_batch_size=128, per_device_batch_size=16, lr=2e-5,
         deepspeed="zero3", train_lm=True, group_by_modality_length=True,
     )
 

@@ -226,7 +226,8 @@ def phase_data(cfg, ph, model, processor, records, skipped: int, image_folder, *
     """The phase's dataset; with `cfg.feature_cache` the tower features are built first (rank-sharded)."""
     table, cache_stats = None, None
     if cfg.feature_cache and any(r.has_image for r in records):
-        cache = FeatureCache(cache_dir, model, processor.image_processor, precision="bf16" if bf16 else "fp32")
+        cache = FeatureCache(cache_dir, model, processor.image_processor, precision="bf16" if bf16 else "fp32",
+                             pad=ph.image_aspect_ratio == "pad")
         t0 = time.perf_counter()
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         device = accelerator.device if accelerator else "cpu"
@@ -240,7 +241,8 @@ def phase_data(cfg, ph, model, processor, records, skipped: int, image_folder, *
     image_token_id = model.config.image_token_id
     if tok.convert_tokens_to_ids("<image>") != image_token_id:
         raise InputError(f"the processor's '<image>' id differs from the model's image_token_id={image_token_id}")
-    ds = LlavaDataset(records, tok, ImageLoader(processor.image_processor, image_folder), template=ph.template,
+    loader = ImageLoader(processor.image_processor, image_folder, pad=ph.image_aspect_ratio == "pad")
+    ds = LlavaDataset(records, tok, loader, template=ph.template,
                       image_token_id=image_token_id, num_image_tokens=num_image_tokens,
                       model_max_length=cfg.model_max_length, skip_bad=cfg.skip_bad_records, features=table)
     return PhaseData(ds, modality_lengths(records), skipped, cache_stats)
