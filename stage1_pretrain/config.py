@@ -15,7 +15,10 @@ from pipeline.schema import ConfigError, option
 class Stage1Config:
     method: str = option("clip", help="stage-1 method from the registry: clip, ito, ito_sub2, ...")
     model: str = option("ito-tiny", help="open_clip architecture name (ViT-B-16, ViT-L-16, ito-tiny, ito-demo)")
-    train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar) or CSV; empty: the run's demo data")
+    train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar), URLs webdataset opens "
+                             "(pipe:..., https://...; streamed), '::'-separated sources, or a CSV; empty: the demo data")
+    train_data_upsampling_factors: str = option("", help="'::'-separated weight per train_data source (open_clip's "
+                                                "--train-data-upsampling-factors); needs resample_shards")
     image_root: str = option("", help="folder a CSV's image paths are relative to and must stay inside (empty: the CSV's folder)")
     eval_data: str = option("", help="JSONL of {image, caption, label?} records; empty: the run's demo eval split")
     epochs: int = option(1, min=1, help="passes over the training data")
@@ -57,6 +60,7 @@ class Stage1Config:
 
         if self.augment not in AUGMENT_POLICIES:
             raise ConfigError(f"{prefix}.augment: unknown policy {self.augment!r}; known: {', '.join(sorted(AUGMENT_POLICIES))}")
+        self._validate_sources(prefix)
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps={self.accum_steps}")
         if self.batch_size % (self.accum_steps * self.nproc):
@@ -64,3 +68,26 @@ class Stage1Config:
                 f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps*nproc="
                 f"{self.accum_steps * self.nproc}"
             )
+
+    def _validate_sources(self, prefix: str) -> None:
+        from .sources import is_stream
+
+        factors = self.train_data_upsampling_factors
+        if factors:
+            n = len(self.train_data.split("::"))
+            parts = factors.split("::")
+            if len(parts) != n:
+                raise ConfigError(f"{prefix}.train_data_upsampling_factors: {len(parts)} factor(s) for {n} '::' "
+                                  f"source(s) of {prefix}.train_data, expected one per source")
+            try:
+                if any(not float(p) > 0 for p in parts):
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{prefix}.train_data_upsampling_factors: {factors!r} is not '::'-separated "
+                                  "positive numbers") from None
+            if not self.resample_shards:
+                raise ConfigError(f"{prefix}.train_data_upsampling_factors: weights apply to shards drawn with "
+                                  f"replacement; set {prefix}.resample_shards=true (open_clip's --dataset-resampled)")
+        if self.train_data and is_stream(self.train_data) and not self.samples_per_epoch:
+            raise ConfigError(f"{prefix}.samples_per_epoch: required when {prefix}.train_data is streamed "
+                              f"({self.train_data.split('::')[0]!r}...): a stream's size is unknown until read")
