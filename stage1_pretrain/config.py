@@ -45,6 +45,8 @@ class Stage1Config:
     precision: str = option("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = option(False)
     nproc: int = option(1, min=1, help="processes launched by `stage1 train` (gloo on CPU, NCCL on GPU)")
+    nnodes: int = option(1, min=1, help="nodes training together (nproc processes each; `stage1 train --nnodes N "
+                                        "--node-rank R --master-addr HOST` on every node)")
     workers: int = option(0, min=0, help="data-loader workers per process")
     seed: int = option(0, min=0)
     deterministic: bool = option(True, help="deterministic kernels (CPU: bitwise-reproducible resume)")
@@ -63,10 +65,10 @@ class Stage1Config:
         self._validate_sources(prefix)
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps={self.accum_steps}")
-        if self.batch_size % (self.accum_steps * self.nproc):
+        if self.batch_size % (self.accum_steps * self.nproc * self.nnodes):
             raise ConfigError(
-                f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps*nproc="
-                f"{self.accum_steps * self.nproc}"
+                f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps*nproc*nnodes="
+                f"{self.accum_steps * self.nproc * self.nnodes}"
             )
 
     def _validate_sources(self, prefix: str) -> None:

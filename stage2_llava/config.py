@@ -53,7 +53,9 @@ class Stage2Config:
     feature_cache: bool = option(False, help="cache frozen-tower features on disk, keyed by tower weights and preprocessing")
     grad_checkpointing: bool = option(False)
     precision: str = option("auto", choices=("auto", "fp32", "bf16"))
-    nproc: int = option(1, min=1)
+    nproc: int = option(1, min=1, help="processes per node (one GPU each)")
+    nnodes: int = option(1, min=1, help="nodes training together (`stage2 pretrain|finetune --nnodes N --node-rank R "
+                                        "--master-addr HOST` on every node)")
     seed: int = option(0, min=0)
     skip_bad_records: bool = option(False, help="skip and count malformed records instead of stopping")
     max_grad_norm: float = option(1.0, min=0.0, help="gradient clipping norm (LLaVA's HF Trainer default; 0: off)")
@@ -66,9 +68,9 @@ class Stage2Config:
     def validate(self, prefix: str = "stage2") -> None:
         for name in ("pretrain", "finetune"):
             ph = getattr(self, name)
-            per_step = ph.per_device_batch_size * self.nproc
+            per_step = ph.per_device_batch_size * self.nproc * self.nnodes
             if ph.global_batch_size % per_step:
                 raise ConfigError(
                     f"{prefix}.{name}.global_batch_size: {ph.global_batch_size} is not divisible by "
-                    f"per_device_batch_size*nproc={per_step}"
+                    f"per_device_batch_size*nproc*nnodes={per_step}"
                 )
