@@ -51,6 +51,14 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def where_it_ran(device: torch.device, precision: str) -> dict:
+    """Device, collective backend and compute dtype of this run (train_summary.json; scripts/gpu_smoke.py checks them)."""
+    dist = torch.distributed.is_initialized()
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return {"device": str(device), "backend": torch.distributed.get_backend() if dist else None,
+            "autocast": "bf16" if bf16 else "fp32"}
+
+
 def _autocast(precision: str, device: torch.device):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -197,7 +205,8 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
             checkpoint()
     bar.close()
     summary = {"steps": step, "epochs_done": epoch, "method": method.name, "model": cfg.model,
-               "world_size": world, "data_counters": counters.as_dict(), "disk_estimate": disk}
+               "world_size": world, "data_counters": counters.as_dict(), "disk_estimate": disk,
+               **where_it_ran(device, cfg.precision)}
     if is_main:
         final = out_dir / "final"
         save_safetensors(task.inference_model().state_dict(), final / "model.safetensors")

@@ -269,6 +269,14 @@ def _restore(model: nn.Module, optimizer, ckpt: Path, with_optimizer: bool) -> d
     return state
 
 
+def _where_it_ran(accelerator, params: list, precision: str) -> dict:
+    """Device, backend, compute precision and the trained parameters' dtype (scripts/gpu_smoke.py checks them)."""
+    dist = torch.distributed.is_initialized()
+    return {"device": str(accelerator.device), "backend": torch.distributed.get_backend() if dist else None,
+            "precision": "bf16" if use_bf16(precision) else "fp32",
+            "param_dtype": str(params[0].dtype).replace("torch.", "") if params else None}
+
+
 def _trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -424,7 +432,7 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
         "world_size": world, "per_device_batch_size": ph.per_device_batch_size, "accumulation_steps": accum,
         "global_batch_size": global_batch, "steps_per_epoch": per_epoch, "trainable": trainable,
         "skipped_records": data.skipped_records, **counters, "feature_cache": data.cache, "deepspeed": ds,
-        "disk_estimate": disk_estimate,
+        "disk_estimate": disk_estimate, **_where_it_ran(accelerator, params, cfg.precision),
     }
     _save_final(model, processor, out_dir / "hf", ds, is_main)
     if is_main:
