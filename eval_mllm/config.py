@@ -18,6 +18,8 @@ class EvalConfig:
     seed: int = option(0, min=0)
     textvqa_ocr: bool = option(True, help="run textvqa_val with LLaVA-1.5's OCR-token prompt (task textvqa_val_ocr); "
                                           "false: lmms-eval's textvqa_val without OCR tokens")
+    blind: bool = option(True, help="also score every model with each image replaced by a uniform grey one (the "
+                                    "language-prior floor, step eval_blind)")
     device: str = option("auto", help="auto: cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
     precision: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"), help="model dtype; auto: bf16 on a GPU, "
                                                                                     "fp32 on the CPU")

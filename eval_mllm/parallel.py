@@ -38,6 +38,7 @@ class EvalJob:
     batch_size: int
     max_new_tokens: int | None
     seed: int
+    blind: bool = False  # every image replaced by a grey one (eval_mllm.blind)
 
     @property
     def dtype(self) -> str:

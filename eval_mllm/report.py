@@ -1,22 +1,26 @@
-"""A/B report over arms (towers): benchmark table, paired-bootstrap deltas, stage-1 metrics, curves.
+"""A/B report over arms (towers): verdict, benchmark table with blind floors, paired-bootstrap deltas
+(vs the baseline arm, vs the untrained control arm, vs each arm's own blind run), stage-1 metrics, curves.
 
-Every number comes from the inputs: each arm's runner `results.json` and `samples/TASK.jsonl`,
-its stage-1 `metrics.json` and its training JSONL logs. Deltas are recomputed from the
-per-sample logs (see `eval_mllm.bootstrap`), paired on the documents both arms scored.
+Every number comes from the inputs: each arm's runner `results.json` and `samples/TASK.jsonl` (and
+those of its grey-image run), its stage-1 `metrics.json` and its training JSONL logs; the report lists
+them under "Sources". Deltas are recomputed from the per-sample logs (`eval_mllm.compare`), paired on
+the documents both sides scored; the verdict paragraph is written from those deltas (`eval_mllm.verdict`).
 Writes report.md, report.json and PNGs (matplotlib, Agg backend) into out_dir.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 from pipeline.io import InputError, atomic_write_json, atomic_write_text, read_json
 
-from .bootstrap import TaskStatistic, json_finite, load_samples, paired_bootstrap_stat
+from .bootstrap import json_finite
+from .compare import Source, comparisons
+from .plots import plot_curves, plot_deltas, read_curve
 from .task_sets import TASK_SETS, info
+from .verdict import verdict
 
 STAGE1_ROWS = [
     ("zero_shot_top1", "zero-shot top-1"),
@@ -27,6 +31,8 @@ STAGE1_ROWS = [
     ("modality_gap.linear_separability", "modality gap: image-vs-text linear accuracy"),
 ]
 ARM_KEYS = ("results_json", "samples_dir")
+# Stage 1 logs the method's total too (ITO: alignment + lambda * fusion); curves across methods compare the shared term.
+CURVE_KEYS = {"stage1": "contrastive_loss"}
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -45,13 +51,16 @@ def _flatten(obj, prefix: str = "") -> dict:
     return out
 
 
-def _check_arms(arms: dict) -> None:
+def _check_arms(arms: dict, baseline: str | None, control: str | None) -> None:
     if not arms:
         raise InputError("report: no arms given")
     for name, spec in arms.items():
         for key in ARM_KEYS:
             if not spec.get(key):
                 raise InputError(f"report: arm {name!r} has no {key!r}")
+    for role, name in (("baseline", baseline), ("control", control)):
+        if name and name not in arms:
+            raise InputError(f"report: {role} {name!r} is not one of the arms ({', '.join(arms)})")
 
 
 def _column_order(tasks: list[str], entries: dict) -> list[str]:
@@ -68,81 +77,6 @@ def _headers(tasks: list[str], entries: dict) -> dict:
     cols = {t: entries[t].get("column") or t for t in tasks}
     counts = {c: list(cols.values()).count(c) for c in cols.values()}
     return {t: (c if counts[c] == 1 else f"{c} ({t})") for t, c in cols.items()}
-
-
-def _paired(records_a: list[dict], records_b: list[dict]) -> tuple[list[dict], list[dict], int, int]:
-    by_a = {r["doc_id"]: r for r in records_a}
-    by_b = {r["doc_id"]: r for r in records_b}
-    common = sorted(set(by_a) & set(by_b), key=lambda d: (str(type(d)), d))
-    return [by_a[d] for d in common], [by_b[d] for d in common], len(by_a), len(by_b)
-
-
-def _delta(task: str, entry_a: dict, entry_b: dict, dir_a: Path, dir_b: Path, n_resamples: int, seed: int) -> dict:
-    rec_a, rec_b, n_a, n_b = _paired(load_samples(dir_a / f"{task}.jsonl"), load_samples(dir_b / f"{task}.jsonl"))
-    metric, statistic, agg = entry_a["metric"], entry_a["statistic"], entry_a.get("aggregation")
-    if (entry_b["metric"], entry_b["statistic"]) != (metric, statistic):
-        raise InputError(f"report: {task}: arms report different metrics ({metric} vs {entry_b['metric']})")
-    out = {"n_a": n_a, "n_b": n_b, "n_paired": len(rec_a)}
-    if not rec_a:
-        return {**out, "delta": None, "ci_low": None, "ci_high": None, "n": 0}
-    stat_a = TaskStatistic(rec_a, metric, statistic, agg, entry_a["scale"], where=f"{dir_a}/{task}.jsonl")
-    stat_b = TaskStatistic(rec_b, metric, statistic, agg, entry_b["scale"], where=f"{dir_b}/{task}.jsonl")
-    boot = paired_bootstrap_stat(stat_a, stat_b, stat_a.n, n_resamples, seed)
-    return {**out, **boot, "value_a": stat_a(), "value_b": stat_b()}
-
-
-def _read_jsonl_curve(path: Path, key: str = "loss") -> tuple[list[float], list[float], int]:
-    steps, values, bad = [], [], 0
-    if not path.is_file():
-        raise InputError(f"{path}: training log not found")
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1  # a line torn by a kill; the logger drops such lines on resume too
-            continue
-        v, s = rec.get(key), rec.get("step")
-        if isinstance(v, (int, float)) and isinstance(s, (int, float)) and math.isfinite(v):
-            steps.append(float(s))
-            values.append(float(v))
-    return steps, values, bad
-
-
-def _plot_curves(name: str, curves: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for arm, (steps, values) in curves.items():
-        ax.plot(steps, values, label=arm, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"training loss: {name}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
-def _plot_deltas(rows: list[tuple[str, str, dict]], baseline: str, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2))
-    for i, (_label, _arm, d) in enumerate(rows):
-        ax.errorbar([d["delta"]], [i], xerr=[[d["delta"] - d["ci_low"]], [d["ci_high"] - d["delta"]]], fmt="o",
-                    color="tab:blue", capsize=3)
-    ax.axvline(0.0, color="grey", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel(f"Δ vs {baseline} (points, 95% paired-bootstrap CI)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def _run_as_note(task: str, entry: dict) -> str:
@@ -167,10 +101,6 @@ def _notes(arms_results: dict, tasks: list[str], entries: dict) -> list[str]:
         if e.get("submission_only"):
             notes.append(f"{task} is a test split scored by an external server: only a submission file was written")
     return notes
-
-
-def _load_arms(arms: dict) -> dict:
-    return {name: read_json(spec["results_json"]) for name, spec in arms.items()}
 
 
 def _benchmarks(arms_results: dict) -> tuple[list[str], dict]:
@@ -225,112 +155,178 @@ def _stage1(arms: dict, out_dir: Path) -> tuple[dict, dict]:
 
 
 def _curves(arms: dict, out_dir: Path) -> tuple[dict, dict]:
+    """One figure per training log, every arm in it; stage 1 plots the alignment term all methods share."""
     by_log: dict[str, dict] = {}
     torn: dict = {}
     for arm, spec in arms.items():
         for log_name, path in (spec.get("train_logs") or {}).items():
-            steps, values, bad = _read_jsonl_curve(Path(path))
-            by_log.setdefault(log_name, {})[arm] = (steps, values)
+            key = CURVE_KEYS.get(log_name, "loss")
+            steps, values, bad = read_curve(Path(path), key)
+            if steps:
+                by_log.setdefault(log_name, {})[arm] = (steps, values)
             if bad:
                 torn[f"{arm}/{log_name}"] = bad
     pngs = {}
     for log_name, curves in by_log.items():
         png = out_dir / f"curve_{log_name}.png"
-        _plot_curves(log_name, curves, png)
+        key = CURVE_KEYS.get(log_name, "loss")
+        plot_curves(f"{log_name}: {key}", curves, png, ylabel=key)
         pngs[log_name] = png.name
     return pngs, torn
 
 
-def _markdown(report: dict, tasks: list[str], headers: dict) -> str:
-    arms, base = report["arms"], report["baseline"]
-    lines = ["# A/B report: vision towers through LLaVA-1.5 and lmms-eval", ""]
-    lines += ["## Benchmarks (paper Table 4 layout, percent)", ""]
-    lines += ["| tower | " + " | ".join(headers[t] for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for arm in arms:
-        row, skipped = report["table"][arm], report["skipped"].get(arm, {})
-        lines.append(f"| {arm} | " + " | ".join("skipped" if t in skipped else _fmt(row.get(t)) for t in tasks) + " |")
-    lines += ["", f"## Deltas vs {base} (paired bootstrap, {report['n_resamples']} resamples, 95% percentile CI)", ""]
-    lines += ["| benchmark | arm | " + base + " | arm value | Δ (points) | 95% CI | n |", "|---|---|---|---|---|---|---|"]
+def _table_rows(report: dict, tasks: list[str]) -> list[str]:
+    lines = []
+    for arm in report["arms"]:
+        skipped = report["skipped"].get(arm, {})
+        for label, row in ((arm, report["table"][arm]), (f"{arm} (blind)", report["blind_table"].get(arm))):
+            if row is not None:
+                lines.append(f"| {label} | " + " | ".join("skipped" if t in skipped else _fmt(row.get(t)) for t in tasks)
+                             + " |")
+    return lines
+
+
+def _delta_section(title: str, per_task: dict, tasks: list[str], headers: dict, ref) -> list[str]:
+    """A table of paired deltas; `ref(arm)` names what each arm is compared with."""
+    if not per_task:
+        return []
+    lines = ["", title, "", "| benchmark | arm | reference | reference value | arm value | Δ | 95% CI | n |",
+             "|---|---|---|---|---|---|---|---|"]
     for task in tasks:
-        for arm, d in report["deltas"].get(task, {}).items():
+        for arm, d in per_task.get(task, {}).items():
             ci = f"[{_fmt(d.get('ci_low'))}, {_fmt(d.get('ci_high'))}]"
-            lines.append(f"| {headers[task]} | {arm} | {_fmt(d.get('value_a'))} | {_fmt(d.get('value_b'))} | "
+            lines.append(f"| {headers[task]} | {arm} | {ref(arm)} | {_fmt(d.get('value_a'))} | {_fmt(d.get('value_b'))} | "
                          f"{_fmt(d.get('delta'))} | {ci} | {d.get('n')} |")
-    if report.get("deltas_png"):
-        lines += ["", f"![deltas]({report['deltas_png']})"]
-    if report["stage1"]:
-        s1_arms = [a for a in arms if a in report["stage1"]]
-        lines += ["", "## Stage-1 encoder metrics", "", "| metric | " + " | ".join(s1_arms) + " |",
-                  "|---|" + "---|" * len(s1_arms)]
-        for key, label in STAGE1_ROWS:
-            if any(key in report["stage1"][a] for a in s1_arms):
-                lines.append(f"| {label} | " + " | ".join(_fmt(report["stage1"][a].get(key), 4) for a in s1_arms) + " |")
+    return lines
+
+
+def _stage1_section(report: dict) -> list[str]:
+    s1_arms = [a for a in report["arms"] if a in report["stage1"]]
+    if not s1_arms:
+        return []
+    lines = ["", "## Stage-1 encoder metrics", "", "| metric | " + " | ".join(s1_arms) + " |",
+             "|---|" + "---|" * len(s1_arms)]
+    info_rows = [("method", "method"), ("augment", "augmentation policy"), ("steps", "training steps")]
+    for key, label in info_rows:
+        vals = [str(report["stage1_info"].get(a, {}).get(key, "—")) for a in s1_arms]
+        if any(v != "—" for v in vals):
+            lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    for key, label in STAGE1_ROWS:
+        if any(key in report["stage1"][a] for a in s1_arms):
+            lines.append(f"| {label} | " + " | ".join(_fmt(report["stage1"][a].get(key), 4) for a in s1_arms) + " |")
     if report["umap"]:
         lines += ["", "UMAP of image (blue) and text (red) embeddings:", ""]
         lines += [f"- {arm}: ![{arm} UMAP]({path})" for arm, path in report["umap"].items()]
+    return lines
+
+
+def _markdown(report: dict, tasks: list[str], headers: dict) -> str:
+    base, control = report["baseline"], report.get("control")
+    lines = ["# A/B report: vision towers through LLaVA-1.5 and lmms-eval", "", "## Verdict", ""]
+    lines += [p + "\n" for p in report["verdict"]]
+    lines += ["## Benchmarks (paper Table 4 layout, percent; `(blind)`: every image replaced by a grey one)", ""]
+    lines += ["| tower | " + " | ".join(headers[t] for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += _table_rows(report, tasks)
+    boot = f"paired bootstrap over test documents, {report['n_resamples']} resamples, 95% percentile CI"
+    if control:
+        lines += _delta_section(f"## Sensitivity: each arm vs the untrained `{control}` tower ({boot})",
+                                report["vs_control"], tasks, headers, lambda arm: control)
+    lines += _delta_section(f"## Image use: each arm vs its own blind score ({boot})", report["vs_blind"], tasks,
+                            headers, lambda arm: f"{arm} (blind)")
+    lines += _delta_section(f"## Deltas vs {base} ({boot})", report["deltas"], tasks, headers, lambda arm: base)
+    if report.get("deltas_png"):
+        lines += ["", f"![deltas]({report['deltas_png']})"]
+    lines += _stage1_section(report)
     if report["curves"]:
-        lines += ["", "## Training curves", ""]
-        lines += [f"![{name}]({png})" for name, png in report["curves"].items()]
+        lines += ["", "## Training curves", ""] + [f"![{name}]({png})" for name, png in report["curves"].items()]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "## Sources", ""] + [f"- {k}: `{v}`" for k, v in report["sources"].items()]
     return "\n".join(lines) + "\n"
 
 
-def write_report(arms: dict, out_dir, baseline: str | None = None, *, n_resamples: int = 1000, seed: int = 0) -> dict:
-    """Write report.md / report.json / PNGs for `arms` ({name: {"results_json", "samples_dir",
-    "stage1_metrics"?, "umap_png"?, "train_logs"?: {log name: JSONL}}}); baseline defaults to the first arm.
-    Returns the report.json content."""
-    _check_arms(arms)
-    baseline = baseline or next(iter(arms))
-    if baseline not in arms:
-        raise InputError(f"report: baseline {baseline!r} is not one of the arms ({', '.join(arms)})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    arms_results = _load_arms(arms)
-    tasks, entries = _benchmarks(arms_results)
-    headers = _headers(tasks, entries)
-    table = {arm: {t: e.get("value_pct") for t, e in res.get("tasks", {}).items()} for arm, res in arms_results.items()}
-    deltas: dict = {}
-    rows = []
-    no_stat: set[str] = set()
-    for task in tasks:
-        base_entry = arms_results[baseline].get("tasks", {}).get(task)
-        for arm, res in arms_results.items():
-            entry = res.get("tasks", {}).get(task)
-            if arm == baseline or not base_entry or not entry or base_entry.get("value_pct") is None \
-                    or entry.get("value_pct") is None:
-                continue
-            if not base_entry.get("statistic"):
-                no_stat.add(task)
-                continue
-            d = _delta(task, base_entry, entry, Path(arms[baseline]["samples_dir"]), Path(arms[arm]["samples_dir"]),
-                       n_resamples, seed)
-            deltas.setdefault(task, {})[arm] = d
-            if d.get("ci_low") is not None and math.isfinite(d["ci_low"]):
-                rows.append((f"{headers[task]} · {arm}", arm, d))
-    stage1, umap = _stage1(arms, out_dir)
-    curves, torn = _curves(arms, out_dir)
+def _sources(arms: dict, out_dir: Path) -> tuple[dict[str, Source], dict[str, Source], dict[str, str]]:
+    """The arms' and their blind runs' evaluations, and every input file relative to the report directory."""
+    rel = {}
+
+    def note(key: str, path) -> None:
+        if path:
+            rel[key] = os.path.relpath(Path(path).resolve(), out_dir.resolve())
+
+    evals, blind = {}, {}
+    for arm, spec in arms.items():
+        evals[arm] = Source.load(arm, spec["results_json"], spec["samples_dir"])
+        note(f"{arm}: benchmark results", spec["results_json"])
+        if spec.get("blind_results_json"):
+            blind[arm] = Source.load(f"{arm} (blind)", spec["blind_results_json"], spec["blind_samples_dir"])
+            note(f"{arm}: blind (grey-image) results", spec["blind_results_json"])
+        note(f"{arm}: stage-1 metrics", spec.get("stage1_metrics"))
+        for log_name, path in (spec.get("train_logs") or {}).items():
+            note(f"{arm}: {log_name} training log", path)
+    return evals, blind, rel
+
+
+def _compare_all(tasks, evals, blind, baseline, control, n_resamples, seed) -> dict:
+    trained = [a for a in evals if a != control]
+    return {
+        "deltas": comparisons(tasks, [(a, evals[baseline], evals[a]) for a in evals if a != baseline], n_resamples, seed),
+        "vs_control": comparisons(tasks, [(a, evals[control], evals[a]) for a in trained], n_resamples, seed)
+        if control else {},
+        "vs_blind": comparisons(tasks, [(a, blind[a], evals[a]) for a in evals if a in blind], n_resamples, seed),
+    }
+
+
+def _report_notes(arms_results, tasks, entries, torn, cmp, baseline) -> list[str]:
     notes = _notes(arms_results, tasks, entries)
     notes += [f"{k}: {n} unreadable log line(s) ignored" for k, n in torn.items()]
     notes += [f"{t}: no per-sample statistic known (not in eval_mllm.task_sets.TASK_INFO), no delta CI"
-              for t in sorted(no_stat)]
-    for task, per_arm in deltas.items():
+              for t in tasks if entries[t].get("value_pct") is not None and not entries[t].get("statistic")]
+    for task, per_arm in cmp["deltas"].items():
         for arm, d in per_arm.items():
             if d["n_a"] != d["n_b"] or d["n_paired"] != d["n_a"]:
                 notes.append(f"{task}: {baseline} has {d['n_a']} samples, {arm} {d['n_b']}; "
                              f"deltas use the {d['n_paired']} documents both scored")
+    return notes
+
+
+def write_report(arms: dict, out_dir, baseline: str | None = None, control: str | None = None, *,
+                 n_resamples: int = 1000, seed: int = 0, seeds_note: str = "one seed per arm") -> dict:
+    """Write report.md / report.json / PNGs for `arms` ({name: {"results_json", "samples_dir",
+    "blind_results_json"?, "blind_samples_dir"?, "stage1_metrics"?, "stage1_info"?: {method, augment, steps},
+    "umap_png"?, "train_logs"?: {log name: JSONL}}}). `baseline` (default: the first arm) is what the A/B deltas
+    are taken against; `control` (optional) is the untrained-tower arm the sensitivity check uses.
+    Returns the report.json content."""
+    _check_arms(arms, baseline, control)
+    baseline = baseline or next(iter(arms))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evals, blind, sources = _sources(arms, out_dir)
+    arms_results = {arm: src.results for arm, src in evals.items()}
+    tasks, entries = _benchmarks(arms_results)
+    headers = _headers(tasks, entries)
+    cmp = _compare_all(tasks, evals, blind, baseline, control, n_resamples, seed)
+    stage1, umap = _stage1(arms, out_dir)
+    curves, torn = _curves(arms, out_dir)
     report = {
-        "arms": list(arms), "baseline": baseline, "n_resamples": n_resamples, "seed": seed,
-        "benchmarks": tasks, "columns": headers, "metrics": {t: entries[t].get("metric") for t in tasks},
-        "table": table, "deltas": deltas,
+        "arms": list(arms), "baseline": baseline, "control": control, "n_resamples": n_resamples, "seed": seed,
+        "seeds_note": seeds_note, "benchmarks": tasks, "columns": headers,
+        "metrics": {t: entries[t].get("metric") for t in tasks},
+        "table": {arm: {t: e.get("value_pct") for t, e in res.get("tasks", {}).items()} for arm, res in arms_results.items()},
+        "blind_table": {arm: {t: e.get("value_pct") for t, e in src.results.get("tasks", {}).items()}
+                        for arm, src in blind.items()},
+        **cmp,
         "all_metrics": {arm: {t: e.get("metrics", {}) for t, e in res.get("tasks", {}).items()}
-                        for arm, res in arms_results.items()}, "stage1": stage1, "umap": umap, "curves": curves, "notes": notes,
-        "skipped": {arm: res.get("skipped", {}) for arm, res in arms_results.items()},
+                        for arm, res in arms_results.items()},
+        "stage1": stage1, "stage1_info": {a: s.get("stage1_info") or {} for a, s in arms.items()}, "umap": umap,
+        "curves": curves, "notes": _report_notes(arms_results, tasks, entries, torn, cmp, baseline),
+        "skipped": {arm: res.get("skipped", {}) for arm, res in arms_results.items()}, "sources": sources,
     }
+    report["verdict"] = verdict(report)
+    rows = [(f"{headers[t]} · {a}", d) for t in tasks for a, d in cmp["deltas"].get(t, {}).items()
+            if d.get("ci_low") is not None and math.isfinite(d["ci_low"])]
     if rows:
-        _plot_deltas(rows, baseline, out_dir / "deltas.png")
+        plot_deltas(rows, f"Δ vs {baseline} (points, 95% paired-bootstrap CI)", out_dir / "deltas.png")
         report["deltas_png"] = "deltas.png"
     atomic_write_json(out_dir / "report.json", json_finite(report))
     atomic_write_text(out_dir / "report.md", _markdown(report, tasks, headers))
     return report
-

@@ -184,8 +184,16 @@ def _plan(requested: list[str], run_as: dict[str, str], data_root, out_dir: Path
 def _evaluate(job: EvalJob, task_objs: list, manager) -> dict:
     from lmms_eval.evaluator import simple_evaluate
 
+    model = LMMS_MODEL
+    if job.blind:  # the same adapter, built here (in every process) so its requests can be rewritten to grey images
+        from lmms_eval import models
+
+        from .blind import blind as make_blind
+
+        model = make_blind(models.get_model(LMMS_MODEL).create_from_arg_string(
+            job.model_args(), {"batch_size": job.batch_size, "max_batch_size": None, "device": None}))
     return simple_evaluate(
-        model=LMMS_MODEL,
+        model=model,
         model_args=job.model_args(),
         tasks=task_objs,  # built once per process, so prompts.md renders from the very task objects that ran
         task_manager=manager,
@@ -246,6 +254,7 @@ def run_lmms_eval(
     max_new_tokens: int | None = 16,
     seed: int = 0,
     textvqa_ocr: bool = True,
+    blind: bool = False,
     precision: str = "auto",
     nproc: int = 1,
 ) -> dict:
@@ -255,6 +264,8 @@ def run_lmms_eval(
     materialised local task YAMLs in out_dir/tasks/ and lmms-eval's submission files in
     out_dir/lmms_eval/. max_new_tokens None keeps each task's own generation length.
     `textvqa_ocr` runs textvqa_val with LLaVA-1.5's OCR-token prompt (eval.textvqa_ocr).
+    `blind` replaces every image by a uniform grey one of the same size (eval_mllm.blind): the
+    language-prior floor of the same model, scored by the same task code.
     device/precision: `auto` or explicit (pipeline.devices); nproc: data-parallel processes (eval_mllm.parallel).
     """
     force_offline()
@@ -281,6 +292,7 @@ def run_lmms_eval(
         "limit": limit,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "blind": blind,
         "device": device,
         "precision": precision,
         "nproc": nproc,
@@ -291,7 +303,7 @@ def run_lmms_eval(
     if runnable:
         job = EvalJob(model_dir, tuple(run_as[t] for t in runnable), out_dir / "tasks",
                       any(run_as[t] not in LOCAL_TASKS for t in runnable), out_dir, device, precision, nproc, limit,
-                      batch_size, max_new_tokens, seed)
+                      batch_size, max_new_tokens, seed, blind)
         raw = _run_tasks(job, manager) if nproc <= 1 else run_job(_run_tasks, job)
         summary["model_args"], summary["gen_kwargs"] = raw["model_args"], raw["gen_kwargs"]
         for task in runnable:

@@ -161,19 +161,26 @@ def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path 
     return {"hf_dir": out_dir / "hf", "train_log": out_dir / "logs" / "metrics.jsonl"}
 
 
-def run_eval(cfg: RunConfig, rd: RunDir, model_dir: str | Path | None = None) -> dict[str, Path]:
+def run_eval(cfg: RunConfig, rd: RunDir, model_dir: str | Path | None = None, blind: bool = False) -> dict[str, Path]:
+    """lmms-eval on the run's finetuned MLLM (or `model_dir`); `blind`: with grey images, into eval_blind/."""
     from eval_mllm.runner import run_lmms_eval
 
     model = Path(model_dir) if model_dir else rd.require_output("stage2_finetune", "hf_dir")
     data_root = None
     if any(t.startswith("demo") for t in cfg.eval.tasks):
         data_root, _ = ensure_data(cfg, rd)
-    out = rd.path / "eval"
+    out = rd.path / ("eval_blind" if blind else "eval")
     run_lmms_eval(model, cfg.eval.tasks, out, data_root=data_root, limit=cfg.eval.limit,
                   batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed,
-                  textvqa_ocr=cfg.eval.textvqa_ocr, device=cfg.eval.device, precision=cfg.eval.precision,
-                  nproc=cfg.eval.nproc)
+                  textvqa_ocr=cfg.eval.textvqa_ocr, blind=blind, device=cfg.eval.device,
+                  precision=cfg.eval.precision, nproc=cfg.eval.nproc)
     return {"results_json": out / "results.json", "samples_dir": out / "samples"}
+
+
+def _eval_section(cfg: RunConfig) -> dict:
+    d = to_dict(cfg.eval)
+    d.pop("blind")  # turning the blind floor on or off must not rerun the normal evaluation
+    return d
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,7 @@ class Step:
     run: Callable[..., dict[str, Path]]
     dirs: Callable[[RunDir], list[Path]]  # wiped when the step's key changes
     outputs: tuple[str, ...]  # what "done" means (stage 1's train alone records only some of them)
+    enabled: Callable[[RunConfig], bool] = lambda cfg: True  # a disabled step is left out of the chain
 
 
 def _stage2_section(phase: str) -> Callable[[RunConfig], Any]:
@@ -205,8 +213,10 @@ STEPS = (
     Step("stage2_finetune", _stage2_section("finetune"),
          lambda c, rd, **kw: run_stage2_phase(c, rd, "finetune", kw.get("shared_cache"), kw.get("nodes")),
          lambda rd: [rd.path / "stage2_finetune"], ("hf_dir",)),
-    Step("eval", lambda c: c.eval, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir")), lambda rd: [rd.path / "eval"],
+    Step("eval", _eval_section, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir")), lambda rd: [rd.path / "eval"],
          ("results_json", "samples_dir")),
+    Step("eval_blind", lambda c: c.eval, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir"), blind=True),
+         lambda rd: [rd.path / "eval_blind"], ("results_json", "samples_dir"), enabled=lambda c: c.eval.blind),
 )
 
 
@@ -260,7 +270,29 @@ def run_step(cfg: RunConfig, rd: RunDir, name: str, *, force: bool = False, **kw
 def run_chain(cfg: RunConfig, rd: RunDir, shared_cache: Path | None = None) -> dict[str, str]:
     """Run every step not already done with the same key; returns {step: "skipped"|"ran"}."""
     rd.save_config(dump_yaml(cfg))
-    return {step.name: run_step(cfg, rd, step.name, shared_cache=shared_cache) for step in STEPS}
+    return {step.name: run_step(cfg, rd, step.name, shared_cache=shared_cache) for step in STEPS if step.enabled(cfg)}
+
+
+def _arm_inputs(cfg: RunConfig, rd: RunDir) -> dict:
+    """What the A/B report reads of one arm's run directory."""
+    summary = rd.require_output("stage1", "checkpoint_dir").parent / "train_summary.json"
+    spec = {
+        "results_json": rd.require_output("eval", "results_json"),
+        "samples_dir": rd.require_output("eval", "samples_dir"),
+        "stage1_metrics": rd.require_output("stage1", "metrics_json"),
+        "stage1_info": {"method": cfg.stage1.method, "augment": cfg.stage1.augment,
+                        "steps": read_json(summary)["steps"] if summary.is_file() else None},
+        "umap_png": rd.require_output("stage1", "umap_png"),
+        "train_logs": {
+            "stage1": rd.require_output("stage1", "train_log"),
+            "stage2_pretrain": rd.require_output("stage2_pretrain", "train_log"),
+            "stage2_finetune": rd.require_output("stage2_finetune", "train_log"),
+        },
+    }
+    if cfg.eval.blind:
+        spec["blind_results_json"] = rd.require_output("eval_blind", "results_json")
+        spec["blind_samples_dir"] = rd.require_output("eval_blind", "samples_dir")
+    return spec
 
 
 def run_ab(cfg: RunConfig, top: RunDir) -> dict:
@@ -276,19 +308,10 @@ def run_ab(cfg: RunConfig, top: RunDir) -> dict:
         ard = RunDir(top.path / "arms" / arm)
         log(f"arm {arm}: {', '.join(f'{k}={v}' for k, v in cfg.ab.arms[arm].items())}")
         run_chain(acfg, ard, shared_cache=top.path / "cache")
-        arms[arm] = {
-            "results_json": ard.require_output("eval", "results_json"),
-            "samples_dir": ard.require_output("eval", "samples_dir"),
-            "stage1_metrics": ard.require_output("stage1", "metrics_json"),
-            "umap_png": ard.require_output("stage1", "umap_png"),
-            "train_logs": {
-                "stage1": ard.require_output("stage1", "train_log"),
-                "stage2_pretrain": ard.require_output("stage2_pretrain", "train_log"),
-                "stage2_finetune": ard.require_output("stage2_finetune", "train_log"),
-            },
-        }
+        arms[arm] = _arm_inputs(acfg, ard)
     out = top.path / "report"
     top.mark_running("report", config_hash(cfg))
-    report = write_report(arms, out, n_resamples=cfg.eval.bootstrap_samples, seed=cfg.eval.seed)
+    report = write_report(arms, out, cfg.ab.baseline or None, cfg.ab.control or None,
+                          n_resamples=cfg.eval.bootstrap_samples, seed=cfg.eval.seed)
     top.mark_done("report", {"markdown": out / "report.md", "json": out / "report.json"})
     return report

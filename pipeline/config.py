@@ -41,6 +41,9 @@ def _default_arms() -> dict[str, dict[str, Any]]:
 @dataclass
 class ABConfig:
     arms: dict[str, dict[str, Any]] = field(default_factory=_default_arms)
+    baseline: str = option("", help="the arm the A/B deltas are taken against (empty: the first arm)")
+    control: str = option("", help="an untrained-tower arm (stage1.epochs=0) the report checks sensitivity against "
+                                   "(empty: none)")
 
     def validate(self, prefix: str = "ab") -> None:
         if len(self.arms) < 2:
@@ -54,6 +57,10 @@ class ABConfig:
                         f"{prefix}.arms.{name}.{key}: arms may only differ in stage1.* keys "
                         "(everything else is shared so the comparison is fair)"
                     )
+        for role in ("baseline", "control"):
+            name = getattr(self, role)
+            if name and name not in self.arms:
+                raise ConfigError(f"{prefix}.{role}: {name!r} is not one of the arms ({', '.join(self.arms)})")
 
 
 @dataclass

@@ -298,14 +298,15 @@ def eval_cost(cfg, model) -> Cost:
 
     tasks = expand_tasks(cfg.eval.tasks)
     known = {t: EVAL_DOCS.get(lmms_task_name(t)) or EVAL_DOCS.get(t) for t in tasks}
-    docs = sum(min(d, cfg.eval.limit or d) for d in known.values() if d)
+    runs = 2 if getattr(cfg.eval, "blind", False) else 1  # eval.blind scores every document again on grey images
+    docs = runs * sum(min(d, cfg.eval.limit or d) for d in known.values() if d)
     image_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     stacks = llava_stacks(model, cfg.stage2.finetune, 1.0, EVAL_PROMPT_TOKENS, image_tokens)
     total = sum(st.params for st in stacks)
     prec = cfg.eval.precision
     weight_bytes = 4 if prec == "fp32" else 2
     unknown = sorted(t for t, d in known.items() if not d)
-    notes = [f"{docs:,} documents of {len(tasks) - len(unknown)} task(s)"
+    notes = [f"{docs:,} documents of {len(tasks) - len(unknown)} task(s)" + (" (x2: eval.blind)" if runs == 2 else "")
              + (f"; no document count for {', '.join(unknown)}" if unknown else ""),
              f"{cfg.plan.eval_answer_tokens} answer tokens per document, each reading the weights once "
              f"({EVAL_PROMPT_TOKENS} prompt tokens + {image_tokens} image tokens prefilled)"]

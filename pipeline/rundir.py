@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.io import InputError, atomic_write_json, atomic_write_text, read_json
 
-STAGES = ("data", "stage1", "stage2_pretrain", "stage2_finetune", "eval", "report")
+STAGES = ("data", "stage1", "stage2_pretrain", "stage2_finetune", "eval", "eval_blind", "report")
 STATUSES = ("done", "running", "failed")
 
 

@@ -1,8 +1,8 @@
-"""Stage-1 training-overhead benchmark: `clip`, `ito`, `ito_sub2` and open_clip_train's own trainer.
+"""Stage-1 training-overhead benchmark: every stage-1 method of the paper's comparison and open_clip_train.
 
     python scripts/bench_stage1.py --out bench_stage1.json [--model ito-demo] [--batch 64] [--steps 10]
         [--warmup 2] [--threads 2] [--grad-checkpointing both|on|off] [--data DIR_OR_PATTERN] [--rounds 1]
-        [--e2e-steps N] [--configs clip,ito,ito_sub2,open_clip_train] [--set stage1.KEY=VALUE ...]
+        [--e2e-steps N] [--configs clip,ito,ito_sub2,siglip,slip,flair,open_clip_train] [--set stage1.KEY=VALUE ...]
 
 One bench model, one global batch, one set of shards (synthetic img2dataset-style shards when no
 --data is given) and fp32 for every configuration. Each configuration runs in its own subprocess
@@ -10,7 +10,7 @@ One bench model, one global batch, one set of shards (synthetic img2dataset-styl
 times, interleaved, and its round with the fastest median step counts (other jobs on a shared
 machine only add time; every round's median is kept in the JSON). What is measured:
 
-- ours (`clip`, `ito`, `ito_sub2`): the task, optimizer and loader of `stage1_pretrain.train`
+- ours (`clip`, `ito`, `ito_sub2`, `siglip`, `slip`, `flair`): the task, optimizer and loader of `stage1_pretrain.train`
   (`build_task`, `_loader`, `train_step`, then `clamp_logit_scales`, with the loop's lr schedule).
   (a) compute: `warmup + steps` batches are loaded first, then each step is timed on a loaded
   batch; (b) end to end: each step is timed from the end of the previous step, loader included
@@ -36,7 +36,9 @@ machine only add time; every round's median is kept in the JSON). What is measur
 
 Targets (computed, not asserted): our `clip` throughput >= open_clip_train's; `ito` time / `clip`
 time <= 1.05 x their FLOP ratio (the paper reports 1.4x time on GPU); `ito`/`clip` peak training
-memory <= 1.15 with gradient checkpointing (for both memory measures). `minor_page_faults_per_step`
+memory <= 1.15 with gradient checkpointing (for both memory measures). Every method's time and
+memory ratios to `clip` are printed beside the paper's (its Appendix J, CC3M on GPU: ITO 1.4x / 1.15x,
+SLIP 1.4x / 1.27x, SigLIP 1.0x / 1.07x; it gives none for ITO_sub2 or FLAIR). `minor_page_faults_per_step`
 (compute phase) shows how much of a step goes to fresh pages for large transient tensors.
 """
 
@@ -65,7 +67,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(ROOT))
 
-OURS = ("clip", "ito", "ito_sub2")
+OURS = ("clip", "ito", "ito_sub2", "siglip", "slip", "flair")
+# The paper's training overhead relative to CLIP (Appendix J: CC3M, same backbone and batch, GPU):
+# (time, peak memory); None where it reports none.
+PAPER_OVERHEAD = {"ito": (1.4, 1.15), "ito_sub2": None, "siglip": (1.0, 1.07), "slip": (1.4, 1.27), "flair": None}
+RATIO_MEASURES = (("time", "step_time_s"), ("flops", "flops_per_step"), ("time_end_to_end", "end_to_end_step_time_s"),
+                  ("peak_memory_training", "peak_minus_baseline_mb"), ("peak_rss_total", "peak_rss_mb"),
+                  ("tensor_peak", "tensor_peak_mb"))
 REFERENCE = "open_clip_train"
 CONFIGS = (*OURS, REFERENCE)
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
@@ -176,6 +184,36 @@ def _tensor_peak_mb(train_step_fn, live_before: int) -> float:
     return (live_before + peak) / 2**20
 
 
+def _time_end_to_end(epochs, steps: int, step) -> tuple[list[float], list[float]]:
+    """Each step timed from the end of the previous one, loader included; and its loader part."""
+    current = iter(next(epochs))  # built before the timer, as the loop builds it before its epoch
+    e2e, data_time = [], []
+    end = time.perf_counter()
+    for i in range(steps):
+        batch = next(current, None)
+        if batch is None:  # other epochs: the same cost, other samples and views
+            current = iter(next(epochs))
+            batch = next(current)
+        fetched = time.perf_counter()
+        step(i, batch)
+        now = time.perf_counter()
+        e2e.append(now - end)
+        data_time.append(fetched - end)
+        end = now
+    return e2e, data_time
+
+
+def _method_info(task, method) -> dict:
+    return {"image_views": method.image_views, "text_views": method.text_views, "ssl_views": method.ssl_views,
+            "alignment": method.alignment, "fusion_lambda": method.fusion_lambda,
+            "fusion_width": task.fusion.width if task.fusion else None, "fusion_heads": method.fusion_heads,
+            "fusion_depth": method.fusion_depth,
+            "ssl_mlp_dim": task.ssl_head.layer1.out_features if task.ssl_head is not None else None,
+            "trainable_params": sum(p.numel() for p in task.parameters() if p.requires_grad),
+            "head_params": sum(p.numel() for p in task.parameters()) - sum(
+                p.numel() for p in task.inference_model().parameters())}
+
+
 def _run_ours(spec: dict) -> dict:
     import torch
 
@@ -226,21 +264,7 @@ def _run_ours(spec: dict) -> dict:
         compute.append(time.perf_counter() - t0)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / spec["steps"]
     peak = _maxrss_mb()
-    epochs = loaders(1000)  # other epochs: the same cost, other samples and views
-    current = iter(next(epochs))  # built before the timer, as the loop builds it before its epoch
-    e2e, data_time = [], []
-    end = time.perf_counter()
-    for i in range(spec["e2e_steps"]):
-        batch = next(current, None)
-        if batch is None:
-            current = iter(next(epochs))
-            batch = next(current)
-        fetched = time.perf_counter()
-        step(n + i, batch)
-        now = time.perf_counter()
-        e2e.append(now - end)
-        data_time.append(fetched - end)
-        end = now
+    e2e, data_time = _time_end_to_end(loaders(1000), spec["e2e_steps"], lambda i, b: step(n + i, b))
     peak_e2e = _maxrss_mb()
     images, texts = loaded[0]["images"], loaded[0]["texts"]
     tensor_peak = _tensor_peak_mb(lambda: step(n, loaded[0]), _tensor_bytes(task, optimizer, images, texts))
@@ -257,9 +281,7 @@ def _run_ours(spec: dict) -> dict:
         "peak_rss_end_to_end_mb": peak_e2e, "tensor_peak_mb": tensor_peak, "flops_per_step": flops,
         "minor_page_faults_per_step": faults,
         "matmul_flops_per_s": matmul,
-        "method": {"image_views": method.image_views, "text_views": method.text_views,
-                   "fusion_lambda": method.fusion_lambda, "fusion_width": task.fusion.width if task.fusion else None,
-                   "fusion_heads": method.fusion_heads, "fusion_depth": method.fusion_depth},
+        "method": _method_info(task, method),
         "input_shapes": {"images": list(images.shape), "texts": list(texts.shape)},
     }
 
@@ -403,12 +425,10 @@ def summarize(configs: dict) -> tuple[dict, dict]:
             r["clip_vs_open_clip_train_throughput_compute"], ">=", 1.0, "our clip samples/s / open_clip_train's (compute)")
         targets[f"clip_throughput_ge_open_clip_train_end_to_end/{gc}"] = _target(
             r["clip_vs_open_clip_train_throughput_end_to_end"], ">=", 1.0, "same, loader included")
-        for m in ("ito", "ito_sub2"):
-            for name, key in (("time", "step_time_s"), ("flops", "flops_per_step"),
-                              ("time_end_to_end", "end_to_end_step_time_s"),
-                              ("peak_memory_training", "peak_minus_baseline_mb"), ("peak_rss_total", "peak_rss_mb"),
-                              ("tensor_peak", "tensor_peak_mb")):
+        for m in OURS[1:]:
+            for name, key in RATIO_MEASURES:
                 r[f"{m}_over_clip_{name}"] = _ratio(configs, f"{m}/{gc}", clip, key)
+        for m in ("ito", "ito_sub2"):
             t, f = r[f"{m}_over_clip_time"], r[f"{m}_over_clip_flops"]
             r[f"{m}_time_ratio_over_flop_ratio"] = None if t is None or not f else t / f
             targets[f"{m}_time_le_1.05x_flop_ratio/{gc}"] = _target(
@@ -440,6 +460,43 @@ def print_table(report: dict) -> None:
         val = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         print(f"  {verdict:<5}{name:<52}{val:>8} {t['op']} {t['threshold']}")
+    print_overhead(report)
+
+
+def overhead_rows(report: dict) -> list[dict]:
+    """One row per (method, checkpointing mode): our ratios to clip beside the paper's (None: not measured / not given)."""
+    rows = []
+    for gc, r in report["ratios"].items():
+        for m in OURS[1:]:
+            if f"{m}/{gc}" not in report["configs"]:
+                continue
+            paper = PAPER_OVERHEAD.get(m)
+            rows.append({"method": m, "mode": gc, **{name: r.get(f"{m}_over_clip_{name}") for name, _ in RATIO_MEASURES},
+                         "paper_time": paper and paper[0], "paper_memory": paper and paper[1]})
+    return rows
+
+
+def print_overhead(report: dict) -> None:
+    """Time and peak-memory ratios to `clip` (ours on this CPU; the paper's on GPU, CC3M, ViT-B/16)."""
+    rows = overhead_rows(report)
+    if not rows:
+        return
+    print("\noverhead vs clip: ours (this machine, bench model) | paper (Appendix J: GPU, CC3M, ViT-B/16)")
+    head = (f"{'method':<10}{'mode':<8}{'time':>7}{'e2e':>7}{'FLOPs':>7}{'dpeak':>7}{'peakRSS':>8}{'tensor':>8}"
+            f" |{'paper time':>11}{'paper mem':>10}")
+    print(head + "\n" + "-" * len(head))
+
+    def fmt(x, width):
+        return f"{'n/a' if x is None else f'{x:.2f}x':>{width}}"
+
+    for row in rows:
+        paper_time = "none" if row["paper_time"] is None else f"{row['paper_time']:.2f}x"
+        paper_mem = "none" if row["paper_memory"] is None else f"{row['paper_memory']:.2f}x"
+        print(f"{row['method']:<10}{row['mode']:<8}{fmt(row['time'], 7)}{fmt(row['time_end_to_end'], 7)}"
+              f"{fmt(row['flops'], 7)}{fmt(row['peak_memory_training'], 7)}{fmt(row['peak_rss_total'], 8)}"
+              f"{fmt(row['tensor_peak'], 8)} |{paper_time:>11}{paper_mem:>10}")
+    print("time: compute step; e2e: loader included; dpeak: peak RSS - baseline RSS; tensor: peak live tensors "
+          "(the CPU analogue of the paper's GPU peak memory)")
 
 
 def parse_args(argv):
@@ -506,9 +563,11 @@ def main(argv=None) -> dict:
                      "grad_checkpointing": args.grad_checkpointing, "data": args.data or "synthetic",
                      "synthetic_samples": None if args.data else max(n_samples, 256), "precision": "fp32"},
         "machine": machine, "configs": configs, "ratios": ratios, "targets": targets,
-        "paper_reference": {"ito_time_over_clip": 1.4, "ito_peak_memory_over_clip": 1.15, "hardware": "GPU, CC3M"},
+        "paper_reference": {**{f"{m}_over_clip": None if v is None else {"time": v[0], "peak_memory": v[1]}
+                               for m, v in PAPER_OVERHEAD.items()}, "hardware": "GPU, CC3M (paper Appendix J)"},
         "total_wall_s": time.perf_counter() - t_start,
     }
+    report["overhead_vs_clip"] = overhead_rows(report)
     atomic_write_json(args.out, report)
     print_table(report)
     print(f"wrote {args.out} ({report['total_wall_s']:.0f} s)")

@@ -13,7 +13,7 @@ from pipeline.schema import ConfigError, option
 
 @dataclass
 class Stage1Config:
-    method: str = option("clip", help="stage-1 method from the registry: clip, ito, ito_sub2, ...")
+    method: str = option("clip", help="stage-1 method from the registry: clip, ito, ito_sub2, ma, siglip, slip, flair")
     model: str = option("ito-tiny", help="open_clip architecture name (ViT-B-16, ViT-L-16, ito-tiny, ito-demo)")
     train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar), URLs webdataset opens "
                              "(pipe:..., https://...; streamed), '::'-separated sources, or a CSV; empty: the demo data")
@@ -21,7 +21,8 @@ class Stage1Config:
                                                 "--train-data-upsampling-factors); needs resample_shards")
     image_root: str = option("", help="folder a CSV's image paths are relative to and must stay inside (empty: the CSV's folder)")
     eval_data: str = option("", help="JSONL of {image, caption, label?} records; empty: the run's demo eval split")
-    epochs: int = option(1, min=1, help="passes over the training data")
+    epochs: int = option(1, min=0, help="passes over the training data (0: no training; the initialised towers are "
+                         "exported, the untrained `random` control arm)")
     samples_per_epoch: int | None = option(None, min=1, help="samples per epoch; required with resampled shards")
     resample_shards: bool = option(False, help="sample shards with replacement (infinite stream, as open_clip --dataset-resampled)")
     batch_size: int = option(64, min=1, help="global batch (all processes, after accumulation)")
@@ -39,9 +40,20 @@ class Stage1Config:
     fusion_width: int | None = option(None, min=8, help="fusion width (None: the text tower width)")
     fusion_heads: int = option(8, min=1)
     augment: str = option("ito", help="image augmentation policy shared by every method (stage1_pretrain.augment): "
-                          "ito (paper Table 7), open_clip, crop")
+                          "ito (paper Table 7), open_clip, crop, simclr")
     image_crop_scale_min: float | None = option(None, min=0.01, max=1.0,
                                                 help="RandomResizedCrop lower scale (None: the augment policy's)")
+    ssl_scale: float | None = option(None, min=0.0, help="weight of the SimCLR loss on 2 extra SSL image views "
+                                     "(None: method default; slip 1.0 as SLIP's --ssl-scale, others 0 = no SSL branch)")
+    ssl_temperature: float = option(0.1, min=1e-4, help="SimCLR softmax temperature (SLIP's --ssl-temp)")
+    ssl_mlp_dim: int | None = option(None, min=8, help="SSL head hidden width (None: min(4096, 16 x image tower "
+                                     "width): SLIP's 4096 for its ViT-S/B/L, proportionally less for small towers)")
+    ssl_emb_dim: int = option(256, min=8, help="SSL head output width (SLIP's --ssl-emb-dim)")
+    ssl_augment: str | None = option(None, help="augmentation policy of the SSL views (None: the method's, simclr)")
+    flair_negatives: str = option("sampled", choices=("sampled", "all"),
+                                  help="FLAIR text-conditioned loss texts per image: sampled = its K sub-captions + one "
+                                       "of every other image (FLAIR's code); all = every sub-caption of the batch")
+    flair_pool_heads: int = option(8, min=1, help="heads of FLAIR's text-conditioned attention pooling (FLAIR: 8)")
     precision: str = option("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = option(False)
     nproc: int = option(1, min=1, help="processes launched by `stage1 train` (gloo on CPU, NCCL on GPU)")
@@ -60,8 +72,10 @@ class Stage1Config:
     def validate(self, prefix: str = "stage1") -> None:
         from .augment import AUGMENT_POLICIES
 
-        if self.augment not in AUGMENT_POLICIES:
-            raise ConfigError(f"{prefix}.augment: unknown policy {self.augment!r}; known: {', '.join(sorted(AUGMENT_POLICIES))}")
+        for key in ("augment", "ssl_augment"):
+            name = getattr(self, key)
+            if name is not None and name not in AUGMENT_POLICIES:
+                raise ConfigError(f"{prefix}.{key}: unknown policy {name!r}; known: {', '.join(sorted(AUGMENT_POLICIES))}")
         self._validate_sources(prefix)
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps={self.accum_steps}")

@@ -74,9 +74,10 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
 
 def _loader(cfg, build, method, train_data, epoch, rank, world, skip, counters, positions=None):
     pre = build.task.model.visual.preprocess_cfg
+    ssl = make_view_transform(method.ssl_augment, pre["size"], pre["mean"], pre["std"]) if method.use_ssl else None
     views = MultiView(
         make_view_transform(cfg.augment, pre["size"], pre["mean"], pre["std"], cfg.image_crop_scale_min),
-        method.image_views,
+        method.image_views, ssl, method.ssl_views,  # SSL views: their policy's own crop scale
     )
     return build_train_loader(
         train_data, tokenizer=build.tokenizer, image_transform=views,
@@ -133,6 +134,7 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
     counters = DataCounters()
     step, epoch, batch_in_epoch, stream = 0, 0, 0, None  # stream: positions of a streamed source (streaming.py)
     if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even with epochs=0 (the untrained control arm)
         sweep_partial(ckpt_dir)
     ck = latest_checkpoint(ckpt_dir)
     if ck is not None:

@@ -48,15 +48,37 @@ def test_summarize_ratios_and_targets():
     assert targets["clip_throughput_ge_open_clip_train_compute/gc_on"]["pass"] is None
 
 
+def test_overhead_table_puts_the_papers_ratios_beside_ours(capsys):
+    bench = _bench()
+    configs = {"clip/gc_off": _cfg(1.0, 10.0, peak=300.0), "slip/gc_off": _cfg(1.5, 25.0, peak=350.0),
+               "flair/gc_off": _cfg(1.2, 12.0, peak=260.0), "siglip/gc_off": _cfg(1.0, 10.0, peak=300.0)}
+    for c in configs.values():
+        c["tensor_peak_mb"] = c["peak_rss_mb"] / 2
+    ratios, _ = bench.summarize(configs)
+    report = {"configs": configs, "ratios": ratios}
+    rows = {r["method"]: r for r in bench.overhead_rows(report)}
+    assert set(rows) == {"slip", "flair", "siglip"}  # ito/ito_sub2 not run: no row
+    assert rows["slip"]["time"] == pytest.approx(1.5) and rows["slip"]["peak_memory_training"] == pytest.approx(1.25)
+    assert (rows["slip"]["paper_time"], rows["slip"]["paper_memory"]) == (1.4, 1.27)
+    assert (rows["siglip"]["paper_time"], rows["siglip"]["paper_memory"]) == (1.0, 1.07)
+    assert rows["flair"]["paper_time"] is None and rows["flair"]["flops"] == pytest.approx(1.2)
+    bench.print_overhead(report)
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert "1.50x" in lines["slip"] and lines["slip"].rstrip().endswith("1.40x     1.27x")
+    assert lines["flair"].rstrip().endswith("none      none")
+    assert bench.PAPER_OVERHEAD["ito"] == (1.4, 1.15)
+
+
 @pytest.mark.slow
 def test_bench_runs_every_config_tiny(tmp_path):
-    """~70 s on 2 loaded cores: four subprocesses, each importing torch and open_clip."""
+    """~2 min on 2 loaded cores: seven subprocesses, each importing torch and open_clip."""
     bench = _bench()
     out = tmp_path / "bench.json"
     report = bench.main(["--out", str(out), "--model", "ito-tiny", "--batch", "8", "--steps", "2", "--warmup", "1",
                          "--threads", "1", "--grad-checkpointing", "off", "--matmul-size", "256"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert set(report["configs"]) == {"clip/gc_off", "ito/gc_off", "ito_sub2/gc_off", "open_clip_train/gc_off"}
+    assert set(report["configs"]) == {f"{m}/gc_off" for m in ("clip", "ito", "ito_sub2", "siglip", "slip", "flair",
+                                                                  "open_clip_train")}
     for name, c in report["configs"].items():
         assert "error" not in c, (name, c.get("stderr_tail"))
         assert len(c["compute_step_times_s"]) == 2 and len(c["end_to_end_step_times_s"]) == 2
@@ -71,6 +93,10 @@ def test_bench_runs_every_config_tiny(tmp_path):
     assert flops["clip"] < flops["ito"] < flops["ito_sub2"]  # 2 image views + fusion; then 2 text views too
     assert report["configs"]["ito/gc_off"]["input_shapes"]["images"] == [8, 2, 3, 64, 64]
     assert report["configs"]["ito_sub2/gc_off"]["input_shapes"]["texts"][:2] == [8, 2]
+    assert report["configs"]["slip/gc_off"]["input_shapes"]["images"][:2] == [8, 3]  # + 2 SSL views
+    assert report["configs"]["flair/gc_off"]["input_shapes"]["texts"][:2] == [8, 8]  # K = 8 sub-captions
+    assert flops["clip"] < flops["slip"] and flops["clip"] < flops["flair"]
+    assert {r["method"] for r in report["overhead_vs_clip"]} == {"ito", "ito_sub2", "siglip", "slip", "flair"}
     r = report["ratios"]["gc_off"]
     assert r["ito_over_clip_flops"] == pytest.approx(flops["ito"] / flops["clip"])
     assert {t["pass"] for t in report["targets"].values()} <= {True, False}

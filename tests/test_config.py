@@ -78,6 +78,9 @@ def test_yaml_file_with_base_and_override_order(tmp_path):
         (["ab.arms={only: {stage1.method: clip}}"], "ab.arms: an A/B run needs at least 2 arms"),
         (["ab.arms={a: {stage1.method: clip}, b: {stage2.projector: linear}}"], "ab.arms.b.stage2.projector: arms may only"),
         (["eval.tasks=3"], "eval.tasks: expected list of str"),
+        (["stage1.ssl_augment=nope"], "stage1.ssl_augment: unknown policy 'nope'"),
+        (["stage1.flair_negatives=some"], "stage1.flair_negatives: 'some' is not one of sampled, all"),
+        (["stage1.ssl_scale=-1"], "stage1.ssl_scale: must be >= 0.0"),
     ],
 )
 def test_errors_are_one_line_and_name_the_key(overrides, expected):

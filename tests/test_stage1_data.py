@@ -422,8 +422,8 @@ def test_multiview_is_reproducible_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     clip = MultiView(make_view_transform("open_clip", SIZE, MEAN, STD), 1)(img, 1)
     assert clip.shape == (1, 3, SIZE, SIZE)
-    with pytest.raises(ValueError, match="unknown augment policy 'simclr'"):
-        make_view_transform("simclr", SIZE, MEAN, STD)
+    with pytest.raises(ValueError, match="unknown augment policy 'nope'"):
+        make_view_transform("nope", SIZE, MEAN, STD)
 
 
 def test_view_transforms_follow_the_spec():
@@ -443,6 +443,36 @@ def test_view_transforms_follow_the_spec():
     crop = make_view_transform("crop", 224, MEAN, STD).transforms
     assert next(t for t in crop if isinstance(t, RandomResizedCrop)).scale == (0.5, 1.0)
     assert not any(type(t).__name__ in ("color_jitter", "gray_scale") for t in crop)
+
+
+def test_simclr_policy_is_slips_ssl_augmentation():
+    from torchvision.transforms import GaussianBlur, Normalize, RandomApply, RandomHorizontalFlip, RandomResizedCrop
+
+    steps = make_view_transform("simclr", 224, MEAN, STD).transforms
+    names = [type(t).__name__ for t in steps]
+    assert names == ["RandomResizedCrop", "MaybeConvertMode", "color_jitter", "gray_scale", "RandomApply",
+                     "RandomHorizontalFlip", "MaybeToTensor", "Normalize"]  # SLIP's order
+    assert steps[0].scale == (0.08, 1.0) and isinstance(steps[0], RandomResizedCrop)
+    assert steps[2].p == 0.8 and steps[2].transf.hue == (-0.1, 0.1) and steps[3].p == 0.2
+    blur = steps[4]
+    assert isinstance(blur, RandomApply) and blur.p == 0.5 and isinstance(blur.transforms[0], GaussianBlur)
+    assert blur.transforms[0].sigma == (0.1, 2.0) and blur.transforms[0].kernel_size == (13, 13)
+    assert isinstance(steps[5], RandomHorizontalFlip) and steps[5].p == 0.5 and isinstance(steps[7], Normalize)
+    small = make_view_transform("simclr", 64, MEAN, STD).transforms[4].transforms[0]  # sigma scaled to 64 px
+    assert small.sigma == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224)) and small.kernel_size == (5, 5)
+    assert not any(isinstance(t, (RandomApply, RandomHorizontalFlip)) for t in make_view_transform("ito", 64, MEAN, STD).transforms)
+
+
+def test_multiview_appends_extra_views_after_the_main_ones():
+    img = load_rgb(_image_bytes(3))
+    main, ssl = make_view_transform("crop", SIZE, MEAN, STD), make_view_transform("simclr", SIZE, MEAN, STD)
+    views = MultiView(main, 1, ssl, 2)
+    a = views(img, 7)
+    assert a.shape == (3, 3, SIZE, SIZE) and torch.equal(a, views(img, 7)) and not torch.equal(a[1], a[2])
+    assert torch.equal(a[0], MultiView(main, 1)(img, 7)[0])  # the main views are drawn first, unchanged
+    assert not torch.equal(a[1:], MultiView(main, 3)(img, 7)[1:])  # the extra views use their own policy
+    with pytest.raises(ValueError, match="extra_transform"):
+        MultiView(main, 1, None, 2)
 
 
 def test_to_rgb_modes():

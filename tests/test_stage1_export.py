@@ -219,3 +219,37 @@ def test_hf_export_from_a_loaded_standard_layout_model(trained, tmp_path):
         assert (txt - trained["model"].encode_text(trained["texts"])).abs().max() < TOL
         img = hf.get_image_features(pixel_values=trained["images"]).pooler_output
         assert (img - trained["model"].encode_image(trained["images"])).abs().max() < TOL
+
+
+@pytest.mark.parametrize("method", ["slip", "flair"])
+def test_slip_and_flair_export_only_the_encoders(method, tmp_path):
+    """Heads trained one step; stage.export writes the bare encoders (+ FLAIR's logit bias), nothing of the heads."""
+    from pipeline.io import save_safetensors
+    from stage1_pretrain import stage
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = Stage1Config(method=method, model="ito-tiny", text_views=2)
+    build = build_task(cfg)
+    task = build.task
+    v = build.method.image_views + build.method.ssl_views
+    texts = build.tokenizer([f"{c}, view {j}" for c in CAPTIONS + ["a green star"] for j in range(2)])
+    texts = texts.reshape(4, 2, -1)[:, : build.method.text_views]
+    opt = torch.optim.AdamW(task.parameter_groups(0.1), lr=1e-2)
+    task(torch.randn(4, v, 3, 64, 64), texts)["loss"].backward()
+    opt.step()
+    head = task.ssl_head if method == "slip" else task.flair_pool
+    assert all(p.grad is not None for p in head.parameters())
+    save_safetensors(task.inference_model().state_dict(), tmp_path / "train" / "final" / "model.safetensors")
+    out = stage.export(cfg, tmp_path / "train", tmp_path / "oc", tmp_path / "hf")
+    saved = load_file(out["open_clip_dir"] / export.OPEN_CLIP_WEIGHTS)
+    fresh, *_ = models.create("ito-tiny", **build.method.model_kwargs)
+    assert set(saved) == set(export.to_standard_layout(fresh.state_dict()))
+    assert not any(part in k for k in saved for part in ("ssl", "pool", "layer1", "bn1", "ln_q"))
+    loaded, preprocess, _ = stage.load_exported(out["open_clip_dir"])
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(images), task.model.eval().encode_image(images), atol=TOL)
+    if method == "flair":
+        assert loaded.logit_bias.item() == pytest.approx(task.model.logit_bias.item())
+    assert (out["hf_clip_dir"] / "model.safetensors").is_file()

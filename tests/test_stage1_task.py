@@ -1,4 +1,4 @@
-"""Stage1Task on the tiny open_clip model: forward/backward per method, view folding, fusion, resolve."""
+"""Stage1Task on the tiny open_clip model: forward/backward per method, view folding, fusion, SLIP/FLAIR heads, resolve."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipeline.schema import ConfigError
 from stage1_pretrain import methods, models
 from stage1_pretrain.config import Stage1Config
 from stage1_pretrain.fusion import FusionHead
-from stage1_pretrain.losses import FusionLoss
+from stage1_pretrain.losses import FlairLoss, FusionLoss, SimClrLoss, sample_ids
 from stage1_pretrain.task import Stage1Task, build_task
 
 IMAGE = 32
@@ -27,7 +27,7 @@ def _threads():
 
 
 def batch(build, n=4):
-    v, w = build.method.image_views, build.method.text_views
+    v, w = build.method.image_views + build.method.ssl_views, build.method.text_views
     images = torch.randn(n, v, 3, IMAGE, IMAGE)
     words = [f"{CAPTIONS[i % len(CAPTIONS)]} view {j}" for i in range(n) for j in range(w)]
     texts = build.tokenizer(words).reshape(n, w, -1)
@@ -45,6 +45,8 @@ def make(method="clip", **overrides):
         ("ito", {"contrastive_loss", "fusion_loss"}, {"align_v0_w0", "align_v1_w0", "fusion", "fusion_pos_cos"}),
         ("ito_sub2", {"contrastive_loss", "fusion_loss"}, {"align_v1_w1", "fusion"}),
         ("siglip", {"contrastive_loss"}, set()),
+        ("slip", {"contrastive_loss", "ssl_loss"}, {"ssl", "ssl_acc"}),
+        ("flair", {"tcs_loss", "mps_loss"}, {"tcs", "mps"}),
     ],
 )
 def test_forward_backward(method, loss_keys, diag_keys):
@@ -66,6 +68,13 @@ def test_forward_backward(method, loss_keys, diag_keys):
     if method == "siglip":
         assert task.model.logit_bias.grad.abs() > 0
         assert out["logit_scale"].item() == pytest.approx(10.0)
+    if method == "slip":
+        assert out["ssl_loss"].item() == pytest.approx(out["ssl"].item())  # ssl_scale 1
+        assert task.ssl_head.layer1.weight.grad.abs().sum() > 0 and task.ssl_head.bn2.weight.grad.abs().sum() > 0
+    if method == "flair":
+        assert out["tcs_loss"].item() == pytest.approx(out["tcs"].item() / 2)
+        assert task.flair_pool.attn.in_proj_weight.grad.abs().sum() > 0 and task.model.logit_bias.grad.abs() > 0
+        assert out["logit_scale"].item() == pytest.approx(1 / 0.07) and task.model.logit_bias.item() == -10.0
 
 
 def test_clip_task_equals_open_clip_loss():
@@ -118,15 +127,88 @@ def test_fusion_head_masks_padding_and_reads_eot():
     assert torch.allclose(head(img, changed_real, eot, pad)[1], base[1], atol=1e-6)
 
 
-def test_inference_model_has_no_fusion_parameters():
-    task = make("ito").task
+@pytest.mark.parametrize("method,head", [("ito", "fusion"), ("slip", "ssl_head"), ("flair", "flair_pool")])
+def test_inference_model_has_no_head_parameters(method, head):
+    build = make(method)
+    task = build.task
     inference = task.inference_model()
-    names = {n for n, _ in inference.named_parameters()}
-    assert not any("fusion" in n for n in names)
-    fresh, *_ = models.create("ito-tiny", image_size=IMAGE)
-    assert set(inference.state_dict()) == set(fresh.state_dict())
-    fusion_params = sum(p.numel() for p in task.fusion.parameters()) + 1
-    assert sum(p.numel() for p in task.parameters()) == sum(p.numel() for p in inference.parameters()) + fusion_params
+    names = set(inference.state_dict())
+    assert not any(part in n for n in names for part in ("fusion", "ssl", "layer1", "bn1", "pool", "ln_q"))
+    fresh, *_ = models.create("ito-tiny", image_size=IMAGE, **build.method.model_kwargs)
+    assert names == set(fresh.state_dict())
+    head_params = sum(p.numel() for p in getattr(task, head).parameters()) + (method == "ito")  # + fusion 1/tau
+    assert sum(p.numel() for p in task.parameters()) == sum(p.numel() for p in inference.parameters()) + head_params
+    extra_state = set(task.state_dict()) - {f"model.{k}" for k in names}
+    assert extra_state and all(k.startswith((head, "fusion_logit_scale")) for k in extra_state)
+
+
+def test_slip_routes_views_and_uses_the_pre_projection_class_token():
+    torch.manual_seed(3)
+    build = make("slip")
+    task, model = build.task, build.task.model
+    images, texts = batch(build)
+    assert images.shape[1] == 3  # 1 CLIP view + 2 SSL views
+    out = task(images, texts)
+    h = [models.encode_image_tokens(model, images[:, i])[1][:, 0] for i in (1, 2)]
+    z = [torch.nn.functional.normalize(task.ssl_head(x), dim=-1) for x in h]
+    assert out["ssl"].item() == pytest.approx(SimClrLoss(1.0, 0.1)(*z)["ssl"].item(), abs=1e-5)
+    # h is the pooled feature before visual.proj: projecting it gives the CLIP image embedding
+    emb = model.encode_image(images[:, 1], normalize=True)
+    assert torch.allclose(torch.nn.functional.normalize(h[0] @ model.visual.proj, dim=-1), emb, atol=1e-5)
+    ssl_changed = task(torch.cat([images[:, :2], images[:, 2:].flip(0)], 1), texts)  # re-pair the SSL views
+    assert ssl_changed["contrastive_loss"].item() == pytest.approx(out["contrastive_loss"].item(), abs=1e-6)
+    assert ssl_changed["ssl"].item() != pytest.approx(out["ssl"].item(), abs=1e-4)
+    clip_changed = task(torch.cat([images[:, :1] * 0.5, images[:, 1:]], 1), texts)
+    assert clip_changed["ssl"].item() == pytest.approx(out["ssl"].item(), abs=1e-6)
+    assert clip_changed["contrastive_loss"].item() != pytest.approx(out["contrastive_loss"].item(), abs=1e-4)
+
+
+def test_flair_task_matches_its_parts_and_ignores_batch_order():
+    torch.manual_seed(4)
+    build = make("flair", text_views=3)
+    task, model = build.task, build.task.model
+    images = torch.randn(5, 1, 3, IMAGE, IMAGE)
+    words = ["red", "blue", "dog", "sky", "tree", "car", "night", "grass", "two", "old", "sea", "hat", "cup", "run", "sun"]
+    texts = build.tokenizer([f"{words[i]} {words[(3 * i + 7) % 15]}" for i in range(15)]).reshape(5, 3, -1)
+    with torch.no_grad():
+        model.logit_bias.fill_(0.0)  # at -10 the negatives' terms are ~1e-5: which ones are chosen would not show
+    out = task(images, texts)
+    g = model.encode_image(images[:, 0], normalize=True)
+    local = models.encode_image_tokens(model, images[:, 0])[1][:, 1:] @ model.visual.proj  # patch tokens only
+    s = model.encode_text(texts.flatten(0, 1)).reshape(5, 3, -1)
+    ref = FlairLoss("sampled")(g, local, s, model.logit_scale.exp(), model.logit_bias, task.flair_pool,
+                               ids=sample_ids(texts))
+    assert out["tcs"].item() == pytest.approx(ref["tcs"].item(), abs=1e-4)
+    assert out["mps"].item() == pytest.approx(ref["mps"].item(), abs=1e-4)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert task(images[perm], texts[perm])["loss"].item() == pytest.approx(out["loss"].item(), abs=1e-4)
+    # chosen by position instead, the sampled negatives (and the loss) would change with the order
+    by_position = FlairLoss("sampled")(g[perm], local[perm], s[perm], model.logit_scale.exp(), model.logit_bias,
+                                       task.flair_pool)
+    assert by_position["tcs"].item() != pytest.approx(ref["tcs"].item(), abs=1e-4)
+    every = make("flair", text_views=3, flair_negatives="all")
+    every.task.load_state_dict(task.state_dict())
+    assert every.task(images, texts)["tcs"].item() != pytest.approx(out["tcs"].item(), abs=1e-4)
+
+
+def test_ssl_and_flair_knobs():
+    slip = make("slip").task
+    assert (slip.ssl_head.layer1.out_features, slip.ssl_head.layer3.out_features) == (1024, 256)  # 16 x width 64
+    assert slip.ssl_loss.temperature == 0.1 and slip.ssl_loss.scale == 1.0
+    small = make("slip", ssl_mlp_dim=32, ssl_emb_dim=16, ssl_scale=0.5, ssl_temperature=0.2).task
+    assert (small.ssl_head.layer2.in_features, small.ssl_head.layer3.out_features) == (32, 16)
+    assert (small.ssl_loss.scale, small.ssl_loss.temperature) == (0.5, 0.2)
+    assert make("slip", ssl_scale=0.0).task.ssl_head is None
+    assert methods.resolve(Stage1Config(method="ito", model="ViT-B-16")).ssl_hidden_width(768) == 4096
+    assert methods.resolve(Stage1Config(method="slip")).ssl_hidden_width(384) == 4096  # SLIP's ViT-S head
+    combo = make("ito", ssl_scale=1.0)  # any method can add the SSL branch: 2 ITO views + 2 SSL views
+    out = combo.task(*batch(combo))
+    assert {k for k in out if k.endswith("_loss")} == {"contrastive_loss", "fusion_loss", "ssl_loss"}
+    assert make("flair", flair_pool_heads=4).task.flair_pool.attn.num_heads == 4
+    with pytest.raises(ConfigError, match="stage1.flair_pool_heads: the joint embedding width 64"):
+        make("flair", flair_pool_heads=3)
+    with pytest.raises(ConfigError, match="stage1.image_views: method 'flair'"):
+        make("flair", image_views=2)
 
 
 def test_fusion_knobs_change_the_head():
@@ -198,6 +280,15 @@ def test_resolve_defaults_and_overrides():
     assert (r.image_views, r.text_views, r.use_fusion) == (1, 1, False)
     r = methods.resolve(Stage1Config(method="siglip"))
     assert r.pair_loss.__name__ == "SigLipLoss" and r.model_kwargs["init_logit_bias"] == -10.0
+    r = methods.resolve(Stage1Config(method="slip"))
+    assert (r.image_views, r.text_views, r.ssl_views, r.ssl_scale, r.ssl_augment) == (1, 1, 2, 1.0, "simclr")
+    assert (r.alignment, r.use_fusion, r.ssl_temperature, r.ssl_emb_dim) == ("pairwise", False, 0.1, 256)
+    assert methods.resolve(Stage1Config(method="slip", ssl_augment="ito")).ssl_augment == "ito"
+    r = methods.resolve(Stage1Config(method="flair"))
+    assert (r.alignment, r.image_views, r.text_views, r.text_view_kind, r.ssl_views) == (
+        "flair", 1, 8, "subdescriptions", 0)
+    assert dict(r.model_kwargs) == {"init_logit_bias": -10.0} and r.flair_negatives == "sampled"
+    assert methods.resolve(Stage1Config(method="clip")).ssl_views == 0
     with pytest.raises(ConfigError, match="stage1.method: unknown method 'nope'"):
         methods.resolve(Stage1Config(method="nope"))
     with pytest.raises(ConfigError, match="stage1.fusion_lambda"):

@@ -45,6 +45,21 @@ def test_train_logs_every_loss_term(shards, tmp_path):
     assert not any("fusion" in k for k in final)
 
 
+@pytest.mark.parametrize("method,keys", [("slip", ("contrastive_loss", "ssl_loss", "ssl", "ssl_acc")),
+                                         ("flair", ("tcs_loss", "mps_loss", "tcs", "mps"))])
+def test_slip_and_flair_train_from_shards(shards, tmp_path, method, keys):
+    """The loader feeds SLIP its 2 extra SSL views and FLAIR its K=8 sub-captions; heads stay out of final/."""
+    torch.set_num_threads(1)
+    summary = train(_cfg(f"stage1.method={method}", "stage1.epochs=1"), shards, None, tmp_path, max_steps=2)
+    assert summary["steps"] == 2 and summary["data_counters"]["bad"] == 0
+    r = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert all(k in r for k in keys), r
+    assert r["loss"] == pytest.approx(sum(r[k] for k in keys if k.endswith("_loss")), rel=1e-5)
+    final = load_safetensors(tmp_path / "final" / "model.safetensors")
+    assert not any(k.startswith(("ssl", "flair", "layer", "bn")) or "pool" in k for k in final)
+    assert ("logit_bias" in final) == (method == "flair")
+
+
 def _launch_killable(shards, out, over):
     code = (
         "import torch; torch.set_num_threads(1)\n"
@@ -92,11 +107,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
-def test_two_processes_equal_one_process(csv_data, tmp_path):
-    """gloo, 2 ranks x 8 samples vs 1 rank x 16: same global batches, same losses (3 steps)."""
+# ~35 s each on 2 cores: slip and flair run with -m slow (their losses' 2-process equality, gradients
+# included, is in the default suite: test_stage1_losses.py)
+@pytest.mark.parametrize("method", ["ito", pytest.param("slip", marks=pytest.mark.slow),
+                                    pytest.param("flair", marks=pytest.mark.slow)])
+def test_two_processes_equal_one_process(csv_data, tmp_path, method):
+    """gloo, 2 ranks x 8 samples vs 1 rank x 16: same global batches, same losses (3 steps).
+
+    The ranks' samples are interleaved (rank r gets every other sample), so the 2-process global batch
+    is the 1-process one in another order: SLIP's global-batch BN and FLAIR's content-chosen negatives
+    must not depend on the order. Equal losses after the first step also mean equal gradients.
+    """
     from pipeline.launch import run
 
-    cfg = _cfg("stage1.method=ito", "stage1.checkpoint_every_steps=100")
+    cfg = _cfg(f"stage1.method={method}", "stage1.checkpoint_every_steps=100")
     losses = {}
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"

@@ -40,7 +40,7 @@ SIZES = ("small", "large")
 # 3x3 grid, row-major; the names double as caption phrases.
 REGIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 MIN_CONTRAST = 100.0  # RGB distance between an object colour and each background tone
-RADIUS = {"small": (0.075, 0.095), "large": (0.13, 0.16)}  # fraction of the image side
+RADIUS = {"small": (0.10, 0.115), "large": (0.145, 0.16)}  # fraction of the image side (shapes need ~20 px to be told apart)
 
 
 def second_tone(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
