@@ -9,7 +9,8 @@ width, tokens per item, items per sample, matmul parameters per token, and how i
   stacks (frozen, but gradients flow through them to a trained part, e.g. the LM in LLaVA's
   pretrain phase) 2, `frozen` stacks (no gradient reaches them, e.g. the vision tower) 1.
 - Activations kept for backward, per token and layer, in 16-bit: 18 x width + 4 x MLP width
-  (+ 2 x MLP width for a gated MLP). This is Korthikanti et al. 2022 ("Reducing activation
+  (+ 2 x MLP width for a gated MLP); linear layers outside the blocks (input/output projections,
+  the LLaVA projector) keep their inputs, 2 x (width in + hidden width). This is Korthikanti et al. 2022 ("Reducing activation
   recomputation", Eq. 1: 34 x width at MLP width 4 x width) with flash/SDPA attention, so the
   a x s^2 softmax term is absent. Under full activation checkpointing each layer keeps its
   input (2 x width bytes per token) and one layer's activations are alive again during
@@ -70,6 +71,8 @@ class Stack:
         return MODES[self.mode] * self.forward_flops()
 
     def act_bytes_per_token_layer(self) -> float:
+        if not self.attention:  # linear layers outside the blocks keep their inputs: width in, mlp_width hidden
+            return 2 * (self.width + self.mlp_width)
         return 18 * self.width + (6 if self.gated_mlp else 4) * self.mlp_width
 
     def activation_bytes(self, samples: float, checkpointing: bool, bytes_scale: float = 1.0) -> float:
@@ -78,6 +81,8 @@ class Stack:
             return 0.0
         tokens = samples * self.items * self.tokens
         full_layer = tokens * self.act_bytes_per_token_layer() * bytes_scale
+        if not self.attention:  # not inside a checkpointed block
+            return full_layer * self.layers
         if not checkpointing:
             return full_layer * self.layers
         return tokens * 2 * self.width * bytes_scale * self.layers + full_layer

@@ -77,12 +77,11 @@ def stage1_stacks(cfg, build) -> list[Stack]:
         # the blocks see both sequences; each input projection sees its own; the output projection one token
         stacks += [Stack("fusion head", f.depth, f.width, 4 * f.width, img_tokens + text_tokens, pairs,
                          matmul_params(f.blocks), _params(f) - _params(f.image_proj) - _params(f.text_proj), "train"),
-                   Stack("fusion image input", 1, f.width, f.width, img_tokens, pairs, matmul_params(f.image_proj),
-                         _params(f.image_proj), "train", attention=False),
-                   Stack("fusion text input", 1, f.width, f.width, text_tokens, pairs, matmul_params(f.text_proj),
-                         _params(f.text_proj), "train", attention=False),
-                   Stack("fusion output", 1, f.width, f.width, 1, pairs, matmul_params(f.proj), 0, "train",
-                         attention=False)]
+                   Stack("fusion image input", 1, f.image_proj.in_features, 0, img_tokens, pairs,
+                         matmul_params(f.image_proj), _params(f.image_proj), "train", attention=False),
+                   Stack("fusion text input", 1, f.text_proj.in_features, 0, text_tokens, pairs,
+                         matmul_params(f.text_proj), _params(f.text_proj), "train", attention=False),
+                   Stack("fusion output", 1, f.width, 0, 1, pairs, matmul_params(f.proj), 0, "train", attention=False)]
     return stacks
 
 
@@ -250,11 +249,11 @@ def llava_stacks(model, phase_cfg, image_frac: float, text_tokens: float, image_
     return [
         Stack("vision tower", v.num_hidden_layers, v.hidden_size, v.intermediate_size, image_tokens + 1, image_frac,
               matmul_params(tower), _params(tower), "frozen"),
-        Stack("projector", 1, t.hidden_size, t.hidden_size, image_tokens, image_frac, matmul_params(proj),
-              _params(proj), "train", attention=False),
+        Stack("projector", 1, v.hidden_size, 2 * t.hidden_size, image_tokens, image_frac, matmul_params(proj),
+              _params(proj), "train", attention=False),  # keeps its input, the hidden layer and its GELU
         Stack("language model", t.num_hidden_layers, t.hidden_size, t.intermediate_size,
               round(image_tokens * image_frac + text_tokens), 1, matmul_params(lm), _params(lm), mode, gated_mlp=True),
-        Stack("output layer", 1, t.hidden_size, t.hidden_size, round(text_tokens), 1, matmul_params(head),
+        Stack("output layer", 1, t.hidden_size, 0, round(text_tokens), 1, matmul_params(head),
               0 if head.weight is lm.embed_tokens.weight else _params(head), mode, attention=False),
     ]
 

@@ -43,9 +43,11 @@ def collect(run_dir: Path) -> list[dict]:
         s = read(f"stage2_{phase}/train_summary.json")
         rows.append({"step": f"stage2 {phase}", "device": s["device"], "processes": s["world_size"],
                      "backend": s["backend"], "dtype": s["param_dtype"], "deepspeed": s["deepspeed"]})
-    e = read("eval/results.json")
-    rows.append({"step": "eval", "device": e["device"], "processes": e["nproc"], "backend": "accelerate",
-                 "dtype": e["precision"], "model_args": e.get("model_args", "")})
+    for step, rel in (("eval", "eval/results.json"), ("eval blind", "eval_blind/results.json")):
+        if step == "eval" or (run_dir / rel).is_file():  # the grey-image run exists with eval.blind (default on)
+            e = read(rel)
+            rows.append({"step": step, "device": e["device"], "processes": e["nproc"], "backend": "accelerate",
+                         "dtype": e["precision"], "model_args": e.get("model_args", "")})
     return rows
 
 
@@ -64,8 +66,8 @@ def problems(rows: list[dict], gpus: int) -> list[str]:
             out.append(f"{step}: collective backend {r['backend']}, expected nccl")
         if step.startswith("stage2") and r.get("deepspeed") != "zero3":
             out.append(f"{step}: deepspeed {r.get('deepspeed')}, expected zero3")
-        if step == "eval" and not ("device=cuda" in r["model_args"] and "dtype=bfloat16" in r["model_args"]):
-            out.append(f"eval: lmms-eval model_args {r['model_args']!r} do not put the model on cuda in bfloat16")
+        if step.startswith("eval") and not ("device=cuda" in r["model_args"] and "dtype=bfloat16" in r["model_args"]):
+            out.append(f"{step}: lmms-eval model_args {r['model_args']!r} do not put the model on cuda in bfloat16")
     return out
 
 

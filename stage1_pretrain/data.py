@@ -5,7 +5,9 @@ function of (source, seed, epoch, rank, world_size, batch size, j), the same wit
 of loader workers and after a resume (`skip_batches=k` starts at batch k without reading or
 decoding anything before it).
 
-- Sources (shards, CSV) and their indexing are in `sources.py`.
+- Sources (shards, CSV) and their indexing are in `sources.py`; URLs webdataset opens (pipe:, https://,
+  ...) stream through `streaming.py` (a plan over shards instead of samples, exact resume from saved
+  stream positions); `::` mixtures with upsampling factors weight the resampled shard draws.
 - Epoch plan: shards are shuffled by (seed, epoch), their samples permuted within windows of
   8 consecutive shards (wider than open_clip's 5000-sample buffer, reads stay local), and
   sample i of that sequence goes to rank i % world_size. Ranks never share a sample, every
