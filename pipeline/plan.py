@@ -69,8 +69,14 @@ def stage1_stacks(cfg, build) -> list[Stack]:
     grid = model.visual.grid_size
     img_tokens = int(grid[0] * grid[1]) + 1
     text_tokens = int(model.context_length)
-    stacks = [_open_clip_stack("image tower", model.visual, model.visual.transformer, img_tokens, method.image_views),
+    ssl_views = getattr(method, "ssl_views", 0)  # SLIP's extra views go through the image tower too
+    stacks = [_open_clip_stack("image tower", model.visual, model.visual.transformer, img_tokens,
+                               method.image_views + ssl_views),
               _open_clip_stack("text tower", model.text, model.text.transformer, text_tokens, method.text_views)]
+    head = getattr(task, "ssl_head", None)
+    if head is not None:  # an MLP on each SSL view's pooled embedding
+        stacks.append(Stack("SSL head", 1, int(model.visual.transformer.width), 0, 1, ssl_views, matmul_params(head),
+                            _params(head), "train", attention=False))
     if task.fusion is not None:
         f = task.fusion
         pairs = method.image_views * method.text_views
@@ -86,7 +92,7 @@ def stage1_stacks(cfg, build) -> list[Stack]:
 
 
 def _world(section) -> int:
-    return section.nproc * getattr(section, "nnodes", 1)
+    return section.nproc * section.nnodes
 
 
 # ------------------------------------------------------------------------------------------ stage 1
@@ -126,9 +132,9 @@ def stage1_samples(cfg) -> tuple[int, str]:
     return n, "indexed from stage1.train_data"
 
 
-def stage1_cost(cfg) -> Cost:
+def stage1_cost(cfg, build) -> Cost:
+    """Stage 1 for the task `build` (stage1_task(cfg.stage1)); FLAIR's text-conditioned pooling is not priced."""
     s1 = cfg.stage1
-    build = stage1_task(s1)
     stacks = stage1_stacks(s1, build)
     world = _world(s1)
     samples, source = stage1_samples(cfg)
@@ -322,7 +328,7 @@ def make_plan(cfg) -> dict:
     gpu, mfu = GPUS[cfg.plan.gpu], cfg.plan.mfu
     build = stage1_task(cfg.stage1)
     model, shape_notes = llava_meta(cfg, build)
-    costs = [stage1_cost(cfg), stage2_cost(cfg, "pretrain", model, shape_notes),
+    costs = [stage1_cost(cfg, build), stage2_cost(cfg, "pretrain", model, shape_notes),
              stage2_cost(cfg, "finetune", model, []), eval_cost(cfg, model)]
     stages = {c.stage: c.as_dict(gpu, mfu) for c in costs}
     hours = sum(s["gpu_hours"] for s in stages.values())
@@ -342,6 +348,8 @@ ASSUMPTIONS = [
     "weights/gradients/optimizer: DDP fp32 + AdamW 16 bytes per trained parameter; DeepSpeed bf16 2 + 2 + 12, "
     "ZeRO-2 shards gradients and optimizer states, ZeRO-3 also the weights",
     "stage-2 memory is priced at stage2.model_max_length (an upper bound: most LLaVA sequences are shorter)",
+    "stage 1 prices both towers (with SLIP's extra views), ITO's fusion head and SLIP's SSL head; FLAIR's "
+    "text-conditioned pooling and the contrastive losses' matmuls are not priced (their logits' memory is)",
 ]
 
 

@@ -27,7 +27,7 @@ def _dense(stacks) -> float:
     return sum(MODES[s.mode] * 2 * s.matmul_params * s.tokens * s.items for s in stacks)
 
 
-@pytest.mark.parametrize("method", ["clip", "ito", "ito_sub2"])
+@pytest.mark.parametrize("method", ["clip", "ito", "ito_sub2", "slip"])
 def test_stage1_flops_equal_the_flop_counter_on_the_tiny_model(method):
     from stage1_pretrain.task import build_task
 
@@ -40,7 +40,7 @@ def test_stage1_flops_equal_the_flop_counter_on_the_tiny_model(method):
     conv = meta.task.model.visual.conv1.weight.numel() * (stacks[0].tokens - 1) * stacks[0].items
     build = build_task(cfg)
     n, size = 4, build.task.model.visual.image_size[0]
-    images = torch.randn(n, build.method.image_views, 3, size, size)
+    images = torch.randn(n, build.method.image_views + build.method.ssl_views, 3, size, size)
     texts = torch.randint(1, 100, (n, build.method.text_views, build.task.model.context_length))
     texts[..., -1] = 49407
     with FlopCounterMode(display=False) as counter:
