@@ -22,10 +22,12 @@ import os
 import time
 from pathlib import Path
 
+from pipeline.devices import resolve as resolve_devices
 from pipeline.io import InputError, atomic_write_json, atomic_write_text, require_safetensors
 
 from . import task_sets
 from .bootstrap import TaskStatistic, json_finite
+from .parallel import EvalJob, merge_records, run_job, setup_process
 from .task_sets import (
     LOCAL_TASKS,
     RUN_AS_REASONS,
@@ -179,46 +181,63 @@ def _plan(requested: list[str], run_as: dict[str, str], data_root, out_dir: Path
     return manager, skipped, [t for t in requested if t not in skipped]
 
 
-def _evaluate(model_dir: Path, task_objs: list, manager, out_dir: Path, *, limit, batch_size, device,
-              max_new_tokens, seed, blind: bool = False) -> tuple[dict, str, str]:
+def _evaluate(job: EvalJob, task_objs: list, manager) -> dict:
     from lmms_eval.evaluator import simple_evaluate
 
-    gen = "temperature=0" if max_new_tokens is None else f"max_new_tokens={max_new_tokens},temperature=0"
-    model_args = f"pretrained={model_dir},device={device},device_map={device},dtype=float32"
     model = LMMS_MODEL
-    if blind:  # the same adapter, built here so its requests can be rewritten to grey images
+    if job.blind:  # the same adapter, built here (in every process) so its requests can be rewritten to grey images
         from lmms_eval import models
 
         from .blind import blind as make_blind
 
         model = make_blind(models.get_model(LMMS_MODEL).create_from_arg_string(
-            model_args, {"batch_size": batch_size, "max_batch_size": None, "device": None}))
-    results = simple_evaluate(
+            job.model_args(), {"batch_size": job.batch_size, "max_batch_size": None, "device": None}))
+    return simple_evaluate(
         model=model,
-        model_args=model_args,
-        tasks=task_objs,  # built once by the runner, so prompts.md renders from the very task objects that ran
+        model_args=job.model_args(),
+        tasks=task_objs,  # built once per process, so prompts.md renders from the very task objects that ran
         task_manager=manager,
-        batch_size=batch_size,
-        limit=limit,
+        batch_size=job.batch_size,
+        limit=job.limit,
         log_samples=True,
-        gen_kwargs=gen,
+        gen_kwargs=job.gen_kwargs(),
         bootstrap_iters=0,  # our paired bootstrap replaces lmms-eval's per-arm stderr
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        cli_args=argparse.Namespace(output_path=str(out_dir / "lmms_eval"), process_with_media=False),
+        random_seed=job.seed,
+        numpy_random_seed=job.seed,
+        torch_random_seed=job.seed,
+        fewshot_random_seed=job.seed,
+        cli_args=argparse.Namespace(output_path=str(job.out_dir / "lmms_eval"), process_with_media=False),
     )
-    return results, model_args, gen
 
 
-def _write_prompts(model_dir: Path, runnable: list[str], run_as: dict[str, str], task_dict: dict, out_dir: Path):
+def _run_tasks(job: EvalJob, manager=None) -> dict | None:
+    """One evaluation process: lmms-eval on `job.lmms_tasks`; on rank 0 the results, records and prompt entries."""
+    from lmms_eval.tasks import TaskManager, get_task_dict
     from transformers import AutoProcessor
 
-    from .prompts import compare_task, write_prompts
+    from .prompts import compare_task
 
-    processor = AutoProcessor.from_pretrained(str(model_dir))
-    entries = [compare_task(run_as[t], task_dict[run_as[t]], processor) for t in runnable]
+    setup_process(job)
+    force_offline()
+    if manager is None:
+        manager = TaskManager(include_path=str(job.include_path), include_defaults=job.include_defaults)
+    task_dict = get_task_dict(list(job.lmms_tasks), manager, "chat")
+    results = _evaluate(job, list(task_dict.values()), manager)
+    if results is None:  # ranks other than 0: lmms-eval gathered everything on rank 0
+        return None
+    records = {}
+    for name in job.lmms_tasks:
+        metric_names = list(_metrics_of(results["results"].get(name, {})))
+        records[name] = merge_records([_sample_record(s, metric_names) for s in results.get("samples", {}).get(name, [])])
+    processor = AutoProcessor.from_pretrained(str(job.model_dir))
+    return {"results": _json_safe(results["results"]), "n-samples": _json_safe(results.get("n-samples", {})),
+            "records": records, "prompts": [compare_task(n, task_dict[n], processor) for n in job.lmms_tasks],
+            "model_args": job.model_args(), "gen_kwargs": job.gen_kwargs()}
+
+
+def _write_prompts(model_dir: Path, entries: list[dict], out_dir: Path):
+    from .prompts import write_prompts
+
     header = f"Model directory: `{model_dir}` (its processor's chat template renders both prompts)."
     return write_prompts(entries, out_dir, header)
 
@@ -236,6 +255,8 @@ def run_lmms_eval(
     seed: int = 0,
     textvqa_ocr: bool = True,
     blind: bool = False,
+    precision: str = "auto",
+    nproc: int = 1,
 ) -> dict:
     """Evaluate `model_dir` (a LlavaForConditionalGeneration dir) on `tasks` (names or sets).
 
@@ -245,6 +266,7 @@ def run_lmms_eval(
     `textvqa_ocr` runs textvqa_val with LLaVA-1.5's OCR-token prompt (eval.textvqa_ocr).
     `blind` replaces every image by a uniform grey one of the same size (eval_mllm.blind): the
     language-prior floor of the same model, scored by the same task code.
+    device/precision: `auto` or explicit (pipeline.devices); nproc: data-parallel processes (eval_mllm.parallel).
     """
     force_offline()
     model_dir = Path(model_dir).resolve()
@@ -252,6 +274,7 @@ def run_lmms_eval(
     _check_model_dir(model_dir)
     if batch_size != 1:
         raise InputError(f"eval.batch_size: lmms-eval's llava_hf generates one request at a time (got {batch_size})")
+    device, precision = resolve_devices(device, precision, nproc, "eval")
     requested = expand_tasks(tasks)
     run_as = {t: lmms_task_name(t, textvqa_ocr) for t in requested}
     started = time.time()
@@ -270,25 +293,25 @@ def run_lmms_eval(
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "blind": blind,
+        "device": device,
+        "precision": precision,
+        "nproc": nproc,
         "data_root": None if data_root is None else str(Path(data_root).resolve()),
         "hf_datasets_cache": str(task_sets.hf_datasets_cache()),
         "tasks": {},
     }
     if runnable:
-        from lmms_eval.tasks import get_task_dict
-
-        task_dict = get_task_dict([run_as[t] for t in runnable], manager, "chat")
-        results, summary["model_args"], summary["gen_kwargs"] = _evaluate(
-            model_dir, list(task_dict.values()), manager, out_dir, limit=limit, batch_size=batch_size, device=device,
-            max_new_tokens=max_new_tokens, seed=seed, blind=blind)
+        job = EvalJob(model_dir, tuple(run_as[t] for t in runnable), out_dir / "tasks",
+                      any(run_as[t] not in LOCAL_TASKS for t in runnable), out_dir, device, precision, nproc, limit,
+                      batch_size, max_new_tokens, seed, blind)
+        raw = _run_tasks(job, manager) if nproc <= 1 else run_job(_run_tasks, job)
+        summary["model_args"], summary["gen_kwargs"] = raw["model_args"], raw["gen_kwargs"]
         for task in runnable:
-            name = run_as[task]
-            metric_names = list(_metrics_of(results["results"].get(name, {})))
-            records = [_sample_record(s, metric_names) for s in results.get("samples", {}).get(name, [])]
+            records = raw["records"][run_as[task]]
             text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
             atomic_write_text(out_dir / "samples" / f"{task}.jsonl", text)
-            summary["tasks"][task] = _task_entry(task, name, results, records)
-        summary["prompts"] = _write_prompts(model_dir, runnable, run_as, task_dict, out_dir).name
+            summary["tasks"][task] = _task_entry(task, run_as[task], raw, records)
+        summary["prompts"] = _write_prompts(model_dir, raw["prompts"], out_dir).name
     summary["seconds"] = round(time.time() - started, 3)
     from .report import results_table
 

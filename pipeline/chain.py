@@ -74,13 +74,14 @@ def stage1_dirs(rd: RunDir) -> dict[str, Path]:
     return {"train": base / "train", "open_clip": base / "open_clip", "hf_clip": base / "hf_clip", "eval": base / "eval"}
 
 
-def run_stage1_train(cfg: RunConfig, rd: RunDir) -> dict[str, Path]:
+def run_stage1_train(cfg: RunConfig, rd: RunDir, nodes=None) -> dict[str, Path]:
+    """Stage-1 training in cfg.stage1.nproc processes (per node: `nodes`, a pipeline.launch.Nodes)."""
     from pipeline import launch
     from stage1_pretrain.train import train
 
     train_data, eval_data = stage1_sources(cfg, rd)
     d = stage1_dirs(rd)
-    summary = launch.run(train, (cfg.stage1, train_data, eval_data, d["train"]), cfg.stage1.nproc)
+    summary = launch.run(train, (cfg.stage1, train_data, eval_data, d["train"]), cfg.stage1.nproc, nodes)
     log(f"stage1 {cfg.stage1.method}: {summary['steps']} steps, {summary['data_counters']['bad']} bad samples")
     return {"checkpoint_dir": d["train"] / "checkpoints", "train_log": d["train"] / "logs" / "metrics.jsonl"}
 
@@ -151,7 +152,9 @@ def demo_lm_texts(cfg: RunConfig, rd: RunDir) -> list[str] | None:
     return texts
 
 
-def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path | None = None) -> dict[str, Path]:
+def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path | None = None,
+                     nodes=None) -> dict[str, Path]:
+    """One stage-2 phase in cfg.stage2.nproc processes (per node: `nodes`, a pipeline.launch.Nodes)."""
     from pipeline import launch
 
     data_json, image_folder = stage2_sources(cfg, rd, phase)
@@ -166,7 +169,7 @@ def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path 
                   image_folder=image_folder, out_dir=out_dir, cache_dir=cache / "features",
                   lm_cache_dir=cache / "language_models",
                   demo_texts=demo_lm_texts(cfg, rd) if phase == "pretrain" else None)
-    summary = launch.run(_stage2_entry, (kwargs,), cfg.stage2.nproc)
+    summary = launch.run(_stage2_entry, (kwargs,), cfg.stage2.nproc, nodes)
     log(f"stage2 {phase}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s")
     return {"hf_dir": out_dir / "hf", "train_log": out_dir / "logs" / "metrics.jsonl"}
 
@@ -182,7 +185,8 @@ def run_eval(cfg: RunConfig, rd: RunDir, model_dir: str | Path | None = None, bl
     out = rd.path / ("eval_blind" if blind else "eval")
     run_lmms_eval(model, cfg.eval.tasks, out, data_root=data_root, limit=cfg.eval.limit,
                   batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed,
-                  textvqa_ocr=cfg.eval.textvqa_ocr, blind=blind)
+                  textvqa_ocr=cfg.eval.textvqa_ocr, blind=blind, device=cfg.eval.device,
+                  precision=cfg.eval.precision, nproc=cfg.eval.nproc)
     return {"results_json": out / "results.json", "samples_dir": out / "samples"}
 
 
@@ -217,10 +221,10 @@ STEPS = (
     Step("stage1", lambda c: c.stage1, lambda c, rd, **_: _stage1(c, rd), lambda rd: [rd.path / "stage1"],
          ("checkpoint_dir", "open_clip_dir", "hf_clip_dir", "metrics_json")),
     Step("stage2_pretrain", _stage2_section("pretrain"),
-         lambda c, rd, **kw: run_stage2_phase(c, rd, "pretrain", kw.get("shared_cache")),
+         lambda c, rd, **kw: run_stage2_phase(c, rd, "pretrain", kw.get("shared_cache"), kw.get("nodes")),
          lambda rd: [rd.path / "stage2_pretrain"], ("hf_dir",)),
     Step("stage2_finetune", _stage2_section("finetune"),
-         lambda c, rd, **kw: run_stage2_phase(c, rd, "finetune", kw.get("shared_cache")),
+         lambda c, rd, **kw: run_stage2_phase(c, rd, "finetune", kw.get("shared_cache"), kw.get("nodes")),
          lambda rd: [rd.path / "stage2_finetune"], ("hf_dir",)),
     Step("eval", _eval_section, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir")), lambda rd: [rd.path / "eval"],
          ("results_json", "samples_dir")),

@@ -1,6 +1,6 @@
 """Resumable training checkpoints without pickle: safetensors for tensors, JSON for the rest.
 
-Layout: CKPT_DIR/step_00000123/{model.safetensors, optimizer.safetensors, state.json} and
+Layout: CKPT_DIR/step_00000123/{model.safetensors, optimizer.safetensors, state.json, [extra files]} and
 CKPT_DIR/latest (the name of the newest complete checkpoint). A checkpoint is written into
 a temporary directory and renamed into place, then `latest` is replaced atomically, so a
 SIGKILL at any moment leaves either the previous or the new checkpoint, never a torn one.
@@ -21,8 +21,8 @@ import torch
 from pipeline.faults import failpoint
 from pipeline.io import InputError, atomic_write_text, load_safetensors, read_json, save_safetensors
 
-# Per checkpoint besides the tensors: RNG states (torch tensor, Python and NumPy Mersenne states as
-# JSON) and metadata, ~27 KB measured; disk estimates add it.
+# Per checkpoint besides the tensors: RNG states (torch CPU and CUDA tensors, Python and NumPy Mersenne
+# states as JSON) and metadata, ~27 KB measured on the CPU; disk estimates add it.
 OVERHEAD_BYTES = 28 * 1024
 
 
@@ -51,6 +51,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     py = random.getstate()
     np_state = np.random.get_state()
     tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # every visible GPU's generator (dropout, random ops on the device)
+        tensors.update({f"rng.cuda.{i}": torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())})
     meta = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -60,6 +62,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        for i, t in cuda[: torch.cuda.device_count()]:
+            torch.cuda.set_rng_state(t, i)
     v, st, g = meta["python"]
     random.setstate((v, tuple(st), g))
     name, keys, pos, has_gauss, cached = meta["numpy"]
@@ -73,8 +79,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     keep: int = 2,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `step`, point `latest` at it, keep the newest `keep`."""
+    """Write a complete checkpoint for `step`, point `latest` at it, keep the newest `keep`.
+
+    extra: more safetensors files of the same checkpoint, {file name: tensors} (e.g. DeepSpeed's fp32 state)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -85,6 +94,8 @@ def save_checkpoint(
         rng_tensors, rng_meta = rng_state()
         opt_tensors, opt_meta = optimizer_to_flat(optimizer) if optimizer is not None else ({}, None)
         save_safetensors({**opt_tensors, **rng_tensors}, tmp / "optimizer.safetensors")
+        for file_name, tensors in (extra or {}).items():
+            save_safetensors(tensors, tmp / file_name)
         full = {"step": step, "optimizer": opt_meta, "rng": rng_meta, **state}
         atomic_write_text(tmp / "state.json", json.dumps(full, indent=1, sort_keys=True))
         final = ckpt_dir / name

@@ -31,6 +31,14 @@ def _add_common(p: argparse.ArgumentParser, run_dir_help: str = "run directory (
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. stage1.epochs=2")
 
 
+def _add_nodes(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several nodes (torchrun's static rendezvous; run the same command on every node)")
+    g.add_argument("--nnodes", type=int, help="nodes in the job (shorthand for stage1.nnodes / stage2.nnodes)")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1 (default 0)")
+    g.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every node")
+    g.add_argument("--master-port", type=int, default=29500, help="a free port on node 0 (default 29500)")
+
+
 def _command(sub, name: str, help: str, handler: Callable, **kw) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
     p.set_defaults(handler=handler)
@@ -64,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", metavar="SUBCOMMAND", required=True
     )
     p = _command(s1, "train", "pretrain the dual encoder; resumes from the run dir's checkpoints", c.stage1_train)
-    p.add_argument("--nproc", type=int, help="processes to launch (shorthand for stage1.nproc)")
+    p.add_argument("--nproc", type=int, help="processes to launch per node (shorthand for stage1.nproc)")
+    _add_nodes(p)
     _add_common(p)
     _add_common(_command(s1, "export", "drop the fusion head; write open_clip and Hugging Face CLIP directories", c.stage1_export))
     _add_common(_command(s1, "eval", "zero-shot, retrieval, linear probe, modality gap, UMAP", c.stage1_eval))
@@ -72,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     s2 = sub.add_parser("stage2", help="LLaVA-1.5 recipe on the frozen tower").add_subparsers(
         dest="sub", metavar="SUBCOMMAND", required=True
     )
-    _add_common(_command(s2, "pretrain", "phase 1: train the projector (template plain)", c.stage2_pretrain))
-    _add_common(_command(s2, "finetune", "phase 2: visual instruction tuning (template vicuna_v1)", c.stage2_finetune))
+    for name, help_, handler in (("pretrain", "phase 1: train the projector (template plain)", c.stage2_pretrain),
+                                 ("finetune", "phase 2: visual instruction tuning (template vicuna_v1)", c.stage2_finetune)):
+        p = _command(s2, name, help_, handler)
+        _add_nodes(p)
+        _add_common(p)
 
     p = _command(sub, "eval", "run lmms-eval tasks on a LLaVA directory", c.evaluate)
     p.add_argument("--model", type=Path, help="LLaVA HF directory (default: the run's stage2_finetune output)")
@@ -83,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(_command(sub, "ab", "run every arm of ab.arms and write the A/B report", c.ab))
     _add_common(_command(sub, "demo", "the first-time user's command: the full CLIP-vs-ITO A/B on the demo world", c.demo))
 
+    p = _command(sub, "plan", "cost before running: parameters, memory per GPU, FLOPs, GPU-hours, disk per stage "
+                 "(models on the meta device; writes RUN_DIR/plan.json)", c.plan)
+    _add_common(p, "write plan.json here (default: runs/<config name>)")
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     _add_common(_command(cfg, "show", "print the resolved config as YAML", c.config_show))
     _command(cfg, "keys", "list every config key with its type, default and help", c.config_keys)

@@ -60,13 +60,28 @@ def data_paper13_fixtures(args) -> int:
     return 0
 
 
+def _nodes(args, stage: str) -> tuple[list[str], object]:
+    """Overrides and pipeline.launch.Nodes from --nnodes/--node-rank/--master-addr/--master-port."""
+    from pipeline.launch import Nodes
+
+    nodes = Nodes(args.nnodes or 1, args.node_rank, args.master_addr, args.master_port)
+    if nodes.nnodes > 1 and args.run_dir is None:
+        raise ConfigError("--run-dir: several nodes write one run directory, so give it (on a shared filesystem)")
+    if not 0 <= nodes.node_rank < nodes.nnodes:
+        raise ConfigError(f"--node-rank: {nodes.node_rank} is outside 0..{nodes.nnodes - 1} for --nnodes {nodes.nnodes}")
+    return ([f"{stage}.nnodes={args.nnodes}"] if args.nnodes else []), nodes
+
+
 def stage1_train(args) -> int:
-    extra = [f"stage1.nproc={args.nproc}"] if args.nproc else []
-    cfg, rd = resolve(args, extra)
+    extra, nodes = _nodes(args, "stage1")
+    extra += [f"stage1.nproc={args.nproc}"] if args.nproc else []
+    cfg, rd = resolve(args, extra, save=nodes.is_main)
     t0 = time.perf_counter()
-    rd.mark_running("stage1", chain.step_keys(cfg)["stage1"])  # the chain's key: a later `run` reuses it
-    outs = chain.run_stage1_train(cfg, rd)
-    rd.add_outputs("stage1", outs, train_seconds=round(time.perf_counter() - t0, 1))
+    if nodes.is_main:  # only node 0 writes the manifest; the others train into the same directories
+        rd.mark_running("stage1", chain.step_keys(cfg)["stage1"])  # the chain's key: a later `run` reuses it
+    outs = chain.run_stage1_train(cfg, rd, nodes)
+    if nodes.is_main:
+        rd.add_outputs("stage1", outs, train_seconds=round(time.perf_counter() - t0, 1))
     return 0
 
 
@@ -86,18 +101,23 @@ def stage1_eval(args) -> int:
     return 0
 
 
-def stage2_pretrain(args) -> int:
-    cfg, rd = resolve(args)
-    chain.run_step(cfg, rd, "stage2_pretrain", force=True)
-    print(f"stage2 pretrain -> {rd.require_output('stage2_pretrain', 'hf_dir')}")
+def _stage2(args, phase: str) -> int:
+    extra, nodes = _nodes(args, "stage2")
+    cfg, rd = resolve(args, extra, save=nodes.is_main)
+    if not nodes.is_main:  # node 0 keeps the manifest (and wipes a changed step) before the nodes meet
+        chain.run_stage2_phase(cfg, rd, phase, nodes=nodes)
+        return 0
+    chain.run_step(cfg, rd, f"stage2_{phase}", force=True, nodes=nodes)
+    print(f"stage2 {phase} -> {rd.require_output(f'stage2_{phase}', 'hf_dir')}")
     return 0
+
+
+def stage2_pretrain(args) -> int:
+    return _stage2(args, "pretrain")
 
 
 def stage2_finetune(args) -> int:
-    cfg, rd = resolve(args)
-    chain.run_step(cfg, rd, "stage2_finetune", force=True)
-    print(f"stage2 finetune -> {rd.require_output('stage2_finetune', 'hf_dir')}")
-    return 0
+    return _stage2(args, "finetune")
 
 
 def evaluate(args) -> int:
@@ -145,6 +165,18 @@ def demo(args) -> int:
     if args.run_dir is None:
         args.run_dir = Path("runs") / "demo"
     return ab(args)
+
+
+def plan(args) -> int:
+    from pipeline.io import atomic_write_json
+    from pipeline.plan import make_plan, render
+
+    cfg, _ = resolve(args, save=False)  # a plan writes no config: the run that follows may still change it
+    result = make_plan(cfg)
+    print(render(result))
+    path = atomic_write_json(Path(args.run_dir or Path("runs") / cfg.name) / "plan.json", result)
+    print(f"\nplan.json: {path}")
+    return 0
 
 
 def config_show(args) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from eval_mllm.config import EvalConfig
+from pipeline.costs import PlanConfig
 from pipeline.schema import ConfigError, build, option, to_dict
 from stage1_pretrain.config import Stage1Config
 from stage2_llava.config import Stage2Config
@@ -71,6 +72,7 @@ class RunConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ab: ABConfig = field(default_factory=ABConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # `ito-mllm plan` only: no step's key depends on it
 
 
 def preset_names() -> list[str]:

@@ -15,7 +15,10 @@ from pipeline.schema import ConfigError, option
 class Stage1Config:
     method: str = option("clip", help="stage-1 method from the registry: clip, ito, ito_sub2, ma, siglip, slip, flair")
     model: str = option("ito-tiny", help="open_clip architecture name (ViT-B-16, ViT-L-16, ito-tiny, ito-demo)")
-    train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar) or CSV; empty: the run's demo data")
+    train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar), URLs webdataset opens "
+                             "(pipe:..., https://...; streamed), '::'-separated sources, or a CSV; empty: the demo data")
+    train_data_upsampling_factors: str = option("", help="'::'-separated weight per train_data source (open_clip's "
+                                                "--train-data-upsampling-factors); needs resample_shards")
     image_root: str = option("", help="folder a CSV's image paths are relative to and must stay inside (empty: the CSV's folder)")
     eval_data: str = option("", help="JSONL of {image, caption, label?} records; empty: the run's demo eval split")
     probe_train: str = option("", help="labelled JSONL the linear probe trains on (with probe_test: the paper's AdamW "
@@ -57,6 +60,8 @@ class Stage1Config:
     precision: str = option("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = option(False)
     nproc: int = option(1, min=1, help="processes launched by `stage1 train` (gloo on CPU, NCCL on GPU)")
+    nnodes: int = option(1, min=1, help="nodes training together (nproc processes each; `stage1 train --nnodes N "
+                                        "--node-rank R --master-addr HOST` on every node)")
     workers: int = option(0, min=0, help="data-loader workers per process")
     seed: int = option(0, min=0)
     deterministic: bool = option(True, help="deterministic kernels (CPU: bitwise-reproducible resume)")
@@ -76,10 +81,34 @@ class Stage1Config:
                 raise ConfigError(f"{prefix}.{key}: unknown policy {name!r}; known: {', '.join(sorted(AUGMENT_POLICIES))}")
         if bool(self.probe_train) != bool(self.probe_test):
             raise ConfigError(f"{prefix}.probe_train/probe_test: set both (a train and a test JSONL) or neither")
+        self._validate_sources(prefix)
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps={self.accum_steps}")
-        if self.batch_size % (self.accum_steps * self.nproc):
+        if self.batch_size % (self.accum_steps * self.nproc * self.nnodes):
             raise ConfigError(
-                f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps*nproc="
-                f"{self.accum_steps * self.nproc}"
+                f"{prefix}.batch_size: {self.batch_size} is not divisible by accum_steps*nproc*nnodes="
+                f"{self.accum_steps * self.nproc * self.nnodes}"
             )
+
+    def _validate_sources(self, prefix: str) -> None:
+        from .sources import is_stream
+
+        factors = self.train_data_upsampling_factors
+        if factors:
+            n = len(self.train_data.split("::"))
+            parts = factors.split("::")
+            if len(parts) != n:
+                raise ConfigError(f"{prefix}.train_data_upsampling_factors: {len(parts)} factor(s) for {n} '::' "
+                                  f"source(s) of {prefix}.train_data, expected one per source")
+            try:
+                if any(not float(p) > 0 for p in parts):
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{prefix}.train_data_upsampling_factors: {factors!r} is not '::'-separated "
+                                  "positive numbers") from None
+            if not self.resample_shards:
+                raise ConfigError(f"{prefix}.train_data_upsampling_factors: weights apply to shards drawn with "
+                                  f"replacement; set {prefix}.resample_shards=true (open_clip's --dataset-resampled)")
+        if self.train_data and is_stream(self.train_data) and not self.samples_per_epoch:
+            raise ConfigError(f"{prefix}.samples_per_epoch: required when {prefix}.train_data is streamed "
+                              f"({self.train_data.split('::')[0]!r}...): a stream's size is unknown until read")

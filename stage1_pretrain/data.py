@@ -5,7 +5,9 @@ function of (source, seed, epoch, rank, world_size, batch size, j), the same wit
 of loader workers and after a resume (`skip_batches=k` starts at batch k without reading or
 decoding anything before it).
 
-- Sources (shards, CSV) and their indexing are in `sources.py`.
+- Sources (shards, CSV) and their indexing are in `sources.py`; URLs webdataset opens (pipe:, https://,
+  ...) stream through `streaming.py` (a plan over shards instead of samples, exact resume from saved
+  stream positions); `::` mixtures with upsampling factors weight the resampled shard draws.
 - Epoch plan: shards are shuffled by (seed, epoch), their samples permuted within windows of
   8 consecutive shards (wider than open_clip's 5000-sample buffer, reads stay local), and
   sample i of that sequence goes to rank i % world_size. Ranks never share a sample, every
@@ -77,8 +79,10 @@ def _window_refs(units, counts, seed_parts, rank: int = 0, world_size: int = 1) 
     return np.concatenate(chunks) if chunks else np.zeros((0, 2), dtype=np.int64)
 
 
-def plan_epoch(counts, seed, epoch, rank, world_size, batch, samples_per_epoch, resample):
-    """(refs of this rank's batches [n_batches * batch, 2], fill pool [P, 2], n_batches)."""
+def plan_epoch(counts, seed, epoch, rank, world_size, batch, samples_per_epoch, resample, weights=None):
+    """(refs of this rank's batches [n_batches * batch, 2], fill pool [P, 2], n_batches).
+
+    weights: per-unit draw weights for resampling (a weighted mixture's upsampling factors)."""
     n_units, total = len(counts), sum(counts)
     if total == 0:
         raise InputError(f"{FIELD}: no samples found")
@@ -89,7 +93,7 @@ def plan_epoch(counts, seed, epoch, rank, world_size, batch, samples_per_epoch, 
         rng = random.Random(derive_seed(seed, epoch, rank, "resample"))
         drawn, have = [], 0
         while have < max(n_batches * batch, 1):
-            drawn.append(rng.randrange(n_units))
+            drawn.append(rng.randrange(n_units) if weights is None else rng.choices(range(n_units), weights)[0])
             have += counts[drawn[-1]]
         pool = _window_refs(drawn, counts, (seed, epoch, rank, "resample-window"))
     else:
@@ -117,6 +121,28 @@ def plan_epoch(counts, seed, epoch, rank, world_size, batch, samples_per_epoch, 
 # --------------------------------------------------------------------------- batches
 
 
+def make_sample(key: str, image_bytes: bytes, caption: str, seed: int, image_transform, text_view_fn):
+    """(key, views [V, 3, H, W], W text views) of one sample, its augmentations drawn from `seed`; BadSample else."""
+    try:
+        img = load_rgb(image_bytes)
+    except ImageDecodeError as e:
+        raise BadSample(str(e)) from None
+    try:
+        views = image_transform(img, seed)
+    except Exception as e:  # odd geometry can break a transform; count it, do not crash the run
+        raise BadSample(f"augmentation failed: {type(e).__name__}: {str(e)[:100]}") from None
+    return key, views, list(text_view_fn(caption, random.Random(seed ^ 0x5EED)))
+
+
+def collate(out: list, tokenizer, **extra) -> dict:
+    """Samples from make_sample -> the batch dict the trainer reads (see TrainLoader); `extra` adds index/seen/..."""
+    images = torch.stack([o[1] for o in out])
+    flat = [t for o in out for t in o[2]]
+    texts = tokenizer(flat).long().view(len(out), len(out[0][2]), -1)
+    bad = extra.pop("bad_samples")
+    return dict(images=images, texts=texts, keys=[o[0] for o in out], bad=len(bad), bad_samples=bad, **extra)
+
+
 class BatchDataset(torch.utils.data.Dataset):
     """Map-style dataset whose item j is the whole batch j of the epoch plan."""
 
@@ -132,19 +158,13 @@ class BatchDataset(torch.utils.data.Dataset):
     def _sample(self, ref, j: int, slot: int, fill: bool = False):
         try:
             key, image_bytes, caption = self.source.read(ref)
-            img = load_rgb(image_bytes)
-        except (BadSample, ImageDecodeError) as e:
+        except BadSample as e:
             raise BadSample(str(e)) from None
         # A planned sample's views depend on (seed, epoch, key) only, not on the rank layout, so the
         # union of N processes' batches is the 1-process batch, views included.
         seed, epoch, rank = self.where
         s = derive_seed(seed, epoch, key, *((rank, j, slot) if fill else ()))
-        try:
-            views = self.image_transform(img, s)
-        except Exception as e:  # odd geometry can break a transform; count it, do not crash the run
-            raise BadSample(f"augmentation failed: {type(e).__name__}: {str(e)[:100]}") from None
-        texts = list(self.text_view_fn(caption, random.Random(s ^ 0x5EED)))
-        return key, views, texts
+        return make_sample(key, image_bytes, caption, s, self.image_transform, self.text_view_fn)
 
     def __getitem__(self, j: int) -> dict:
         if not 0 <= j < self.n_batches:
@@ -161,12 +181,7 @@ class BatchDataset(torch.utils.data.Dataset):
         missing = [s for s, o in enumerate(out) if o is None]
         if missing:
             seen += self._fill(out, missing, set(slots), j, bad)
-        keys = [o[0] for o in out]
-        images = torch.stack([o[1] for o in out])
-        flat = [t for o in out for t in o[2]]
-        n_text = len(out[0][2])
-        texts = self.tokenizer(flat).long().view(len(out), n_text, -1)
-        return dict(images=images, texts=texts, keys=keys, index=j, seen=seen, bad=len(bad), bad_samples=bad)
+        return collate(out, self.tokenizer, index=j, seen=seen, bad_samples=bad)
 
     def _fill(self, out, missing, used, j, bad) -> int:
         """Replace bad slots by draws from the rank's pool, seeded by batch index; returns samples tried."""
@@ -299,17 +314,38 @@ def build_train_loader(
     skip_batches: int = 0,
     counters: DataCounters | None = None,
     image_root: str | None = None,
+    upsampling_factors: str = "",
+    stream_positions: dict | None = None,
 ) -> TrainLoader:
     """The training batches of `epoch` for process `rank` of `world_size` (see module docstring).
 
     image_transform: callable (PIL RGB image, seed) -> [V, 3, H, W] (a views.MultiView);
     text_view_fn: callable (caption, random.Random) -> W strings (a subdescriptions.TextViews);
     tokenizer: open_clip tokenizer, list[str] -> LongTensor [n, L].
+    A source with URLs (pipe:, https://, ...) streams (streaming.py; `stream_positions`: the checkpoint's);
+    `upsampling_factors` weights a `::` mixture's shards when resampling (open_clip's syntax).
     """
     if batch_size_per_rank < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad batch/rank/world: batch={batch_size_per_rank} rank={rank} world_size={world_size}")
+    from .streaming import build_stream_loader, is_stream, parse_sources
+
+    if is_stream(source):
+        return build_stream_loader(
+            source, upsampling_factors, tokenizer=tokenizer, image_transform=image_transform,
+            text_view_fn=text_view_fn, batch_size_per_rank=batch_size_per_rank, rank=rank, world_size=world_size,
+            workers=workers, seed=seed, epoch=epoch, samples_per_epoch=samples_per_epoch, resample=resample,
+            max_bad_fraction=max_bad_fraction, skip_batches=skip_batches, counters=counters,
+            positions=stream_positions)
+    if upsampling_factors and not resample:
+        raise InputError("stage1.train_data_upsampling_factors: weights apply to shards drawn with replacement; "
+                         "set stage1.resample_shards=true (as open_clip's --dataset-resampled)")
     src = open_source(source, image_root)
+    weights = parse_sources(source, upsampling_factors)[1] if upsampling_factors else None
+    if weights is not None and len(weights) != len(src.counts):
+        raise InputError("stage1.train_data_upsampling_factors: weights apply to '::' mixtures of shard patterns, "
+                         "not to a CSV")
     b = batch_size_per_rank
-    refs, pool, n_batches = plan_epoch(src.counts, seed, epoch, rank, world_size, b, samples_per_epoch, resample)
+    refs, pool, n_batches = plan_epoch(src.counts, seed, epoch, rank, world_size, b, samples_per_epoch, resample,
+                                       weights)
     ds = BatchDataset(src, refs, pool, n_batches, b, tokenizer, image_transform, text_view_fn, (seed, epoch, rank))
     return TrainLoader(ds, skip_batches, workers, max_bad_fraction, counters, derive_seed(seed, epoch, "loader"))

@@ -243,6 +243,18 @@ class CsvSource:
         return f"line{line}", image, _check_caption(caption)
 
 
+_URL = re.compile(r"^([a-z][a-z0-9+]*):")
+
+
+def is_stream(spec: str) -> bool:
+    """Whether any `::` source of train_data is a URL webdataset streams (pipe:, https://, ...), not a local path."""
+    for part in spec.split("::"):
+        m = _URL.match(part.strip())
+        if m and m.group(1) != "file":
+            return True
+    return False
+
+
 def open_source(source: str, image_root: str | None = None):
     if not source or not source.strip():
         raise InputError(f"{FIELD}: empty (give a shard pattern or a CSV)")

@@ -33,6 +33,7 @@ from pipeline.io import RunStopped, atomic_write_json, save_safetensors
 from pipeline.metrics_log import MetricLogger
 
 from .data import DataCounters, build_train_loader
+from .streaming import gather_positions, rank_positions, track
 from .subdescriptions import TextViews
 from .task import build_task
 from .views import MultiView, make_view_transform
@@ -50,6 +51,14 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def where_it_ran(device: torch.device, precision: str) -> dict:
+    """Device, collective backend and compute dtype of this run (train_summary.json; scripts/gpu_smoke.py checks them)."""
+    dist = torch.distributed.is_initialized()
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return {"device": str(device), "backend": torch.distributed.get_backend() if dist else None,
+            "autocast": "bf16" if bf16 else "fp32"}
+
+
 def _autocast(precision: str, device: torch.device):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -63,7 +72,7 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
 
 
-def _loader(cfg, build, method, train_data, epoch, rank, world, skip, counters):
+def _loader(cfg, build, method, train_data, epoch, rank, world, skip, counters, positions=None):
     pre = build.task.model.visual.preprocess_cfg
     ssl = make_view_transform(method.ssl_augment, pre["size"], pre["mean"], pre["std"]) if method.use_ssl else None
     views = MultiView(
@@ -76,6 +85,7 @@ def _loader(cfg, build, method, train_data, epoch, rank, world, skip, counters):
         batch_size_per_rank=cfg.batch_size // world, rank=rank, world_size=world, workers=cfg.workers,
         seed=cfg.seed, epoch=epoch, samples_per_epoch=cfg.samples_per_epoch, resample=cfg.resample_shards,
         max_bad_fraction=cfg.max_bad_fraction, skip_batches=skip, counters=counters, image_root=cfg.image_root or None,
+        upsampling_factors=cfg.train_data_upsampling_factors, stream_positions=positions,
     )
 
 
@@ -122,7 +132,7 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
         task.parameter_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
     counters = DataCounters()
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, batch_in_epoch, stream = 0, 0, 0, None  # stream: positions of a streamed source (streaming.py)
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even with epochs=0 (the untrained control arm)
         sweep_partial(ckpt_dir)
@@ -131,7 +141,7 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
         state_dict, state = load_checkpoint(ck, optimizer)
         task.load_state_dict(state_dict)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        counters = DataCounters(**state["data_counters"])
+        counters, stream = DataCounters(**state["data_counters"]), rank_positions(state.get("stream"), rank, world)
     steps_per_epoch = len(_loader(cfg, build, method, train_data, 0, rank, world, 0, DataCounters()))
     total = steps_per_epoch * cfg.epochs if max_steps is None else min(max_steps, steps_per_epoch * cfg.epochs)
     evalset = None
@@ -143,9 +153,10 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
     autocast = _autocast(cfg.precision, device)
 
     def checkpoint():
+        streams = gather_positions(stream, world)
         if is_main:
             save_checkpoint(ckpt_dir, step, task.state_dict(), optimizer, {
-                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "data_counters": counters.as_dict(),
+                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "data_counters": counters.as_dict(), "stream": streams,
                 "method": method.name, "model": cfg.model, "steps_per_epoch": steps_per_epoch,
             }, keep=cfg.keep_checkpoints)
         if world > 1:
@@ -155,8 +166,9 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
     model.train()
     t_last, n_last = time.perf_counter(), 0
     while epoch < cfg.epochs and step < total:
-        loader = _loader(cfg, build, method, train_data, epoch, rank, world, batch_in_epoch, counters)
+        loader = _loader(cfg, build, method, train_data, epoch, rank, world, batch_in_epoch, counters, stream)
         for batch in loader:
+            stream = track(stream, cfg.workers, batch) if "stream" in batch else None
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, cfg.lr, cfg.warmup_steps, total)
             try:
@@ -185,7 +197,7 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
             if step >= total:
                 break
         if batch_in_epoch >= steps_per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
+            epoch, batch_in_epoch, stream = epoch + 1, 0, None
             if evalset is not None and cfg.zero_shot_every_epoch:
                 from .evaluate import zero_shot_top1
 
@@ -195,7 +207,8 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
             checkpoint()
     bar.close()
     summary = {"steps": step, "epochs_done": epoch, "method": method.name, "model": cfg.model,
-               "world_size": world, "data_counters": counters.as_dict(), "disk_estimate": disk}
+               "world_size": world, "data_counters": counters.as_dict(), "disk_estimate": disk,
+               **where_it_ran(device, cfg.precision)}
     if is_main:
         final = out_dir / "final"
         save_safetensors(task.inference_model().state_dict(), final / "model.safetensors")

@@ -16,6 +16,8 @@ class PhaseConfig:
     data: str = option("", help="LLaVA JSON file; empty: the run's demo data for this phase")
     image_folder: str = option("", help="folder the JSON's image paths are relative to")
     template: str = option("plain", help="conversation template: plain, vicuna_v1")
+    image_aspect_ratio: str = option("pad", choices=("pad", "square"), help="LLaVA's image_aspect_ratio: pad (pad to a "
+                                     "square with the image-mean colour, then resize) or square (resize + centre crop)")
     epochs: float = option(1.0, min=0.0)
     max_steps: int | None = option(None, min=1, help="stop after this many optimizer steps")
     global_batch_size: int = option(256, min=1)
@@ -30,12 +32,13 @@ class PhaseConfig:
 
 
 def _pretrain() -> PhaseConfig:
-    return PhaseConfig(template="plain", global_batch_size=256, lr=1e-3, deepspeed="zero2")
+    # LLaVA-1.5's pretrain.sh sets no image_aspect_ratio: its default, resize + centre crop (no padding)
+    return PhaseConfig(template="plain", image_aspect_ratio="square", global_batch_size=256, lr=1e-3, deepspeed="zero2")
 
 
 def _finetune() -> PhaseConfig:
     return PhaseConfig(
-        template="vicuna_v1", global_batch_size=128, per_device_batch_size=16, lr=2e-5,
+        template="vicuna_v1", image_aspect_ratio="pad", global_batch_size=128, per_device_batch_size=16, lr=2e-5,
         deepspeed="zero3", train_lm=True, group_by_modality_length=True,
     )
 
@@ -50,7 +53,9 @@ class Stage2Config:
     feature_cache: bool = option(False, help="cache frozen-tower features on disk, keyed by tower weights and preprocessing")
     grad_checkpointing: bool = option(False)
     precision: str = option("auto", choices=("auto", "fp32", "bf16"))
-    nproc: int = option(1, min=1)
+    nproc: int = option(1, min=1, help="processes per node (one GPU each)")
+    nnodes: int = option(1, min=1, help="nodes training together (`stage2 pretrain|finetune --nnodes N --node-rank R "
+                                        "--master-addr HOST` on every node)")
     seed: int = option(0, min=0)
     skip_bad_records: bool = option(False, help="skip and count malformed records instead of stopping")
     max_grad_norm: float = option(1.0, min=0.0, help="gradient clipping norm (LLaVA's HF Trainer default; 0: off)")
@@ -63,9 +68,9 @@ class Stage2Config:
     def validate(self, prefix: str = "stage2") -> None:
         for name in ("pretrain", "finetune"):
             ph = getattr(self, name)
-            per_step = ph.per_device_batch_size * self.nproc
+            per_step = ph.per_device_batch_size * self.nproc * self.nnodes
             if ph.global_batch_size % per_step:
                 raise ConfigError(
                     f"{prefix}.{name}.global_batch_size: {ph.global_batch_size} is not divisible by "
-                    f"per_device_batch_size*nproc={per_step}"
+                    f"per_device_batch_size*nproc*nnodes={per_step}"
                 )

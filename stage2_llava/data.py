@@ -4,6 +4,8 @@
   colour), then the model's own image processor (resize, crop, normalise), so training sees what
   inference sees. A processor with `do_pad=True` (LlavaImageProcessor) pads the same way, so the
   padding here is then a no-op; with a processor that does not pad, inference will not pad either.
+  `pad=False` is LLaVA's `image_aspect_ratio` other than "pad" (its pretrain phase): no padding, the
+  processor's resize + centre crop only (its own `do_pad` switched off for the call).
   Decoding is pipeline.images' `decode_image` with LLaVA's alpha handling (`convert("RGB")` drops it);
   16/32-bit grey images are rescaled to 8 bits. A missing, undecodable or oversized file raises
   `ImageError` (a ValueError) naming the file.
@@ -64,10 +66,13 @@ class ImageError(ValueError):
 class ImageLoader:
     """Path relative to `image_folder` -> normalised [3, H, W] float tensor, as the model's processor makes it."""
 
-    def __init__(self, image_processor, image_folder: str | os.PathLike | None):
+    def __init__(self, image_processor, image_folder: str | os.PathLike | None, pad: bool = True):
         self.processor = image_processor
         self.folder = None if image_folder is None else str(image_folder)
         self.background = pad_color(image_processor)
+        self.pad = pad
+        # a LlavaImageProcessor pads by itself (do_pad=True); without padding it must be told not to
+        self.call_kwargs = {} if pad or not getattr(image_processor, "do_pad", False) else {"do_pad": False}
 
     def path(self, rel: str) -> str:
         if self.folder is None:
@@ -81,10 +86,10 @@ class ImageLoader:
             raise ImageError(f"image file {rel!r} not found in {self.folder}, expected an existing file") from None
         except ImageDecodeError as e:
             raise ImageError(f"image {rel!r}: {e}; expected a decodable image of at most {MAX_PIXELS} pixels") from None
-        return expand2square(rgb, self.background)
+        return expand2square(rgb, self.background) if self.pad else rgb
 
     def __call__(self, rel: str) -> torch.Tensor:
-        return self.processor(images=self.open(rel), return_tensors="pt")["pixel_values"][0]
+        return self.processor(images=self.open(rel), return_tensors="pt", **self.call_kwargs)["pixel_values"][0]
 
 
 # ---------------------------------------------------------------------------------------- dataset

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PAD_RULE = "llava-expand2square(image_mean*255)"
+NO_PAD_RULE = "none (resize + centre crop)"
 _VOLATILE_PROCESSOR_KEYS = ("processor_class", "_processor_class")
 
 
@@ -77,14 +78,14 @@ def tower_digest(vision_tower: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_meta(model, image_processor, precision: str) -> dict:
+def cache_meta(model, image_processor, precision: str, pad: bool = True) -> dict:
     """Everything the cached features depend on (hashed into the cache key)."""
     proc = {k: v for k, v in image_processor.to_dict().items() if k not in _VOLATILE_PROCESSOR_KEYS}
     return {
         "format": FORMAT_VERSION,
         "tower_sha256": tower_digest(model.model.vision_tower),
         "image_processor": proc,
-        "pad_rule": PAD_RULE,
+        "pad_rule": PAD_RULE if pad else NO_PAD_RULE,
         "vision_feature_layer": model.config.vision_feature_layer,
         "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
         "precision": precision,
@@ -124,9 +125,9 @@ class FeatureTable:
 class FeatureCache:
     """Features of one (tower, preprocessing, precision) under `root/<key>/`; see the module docstring."""
 
-    def __init__(self, root: str | os.PathLike, model, image_processor, *, precision: str = "fp32"):
-        self.model, self.processor, self.precision = model, image_processor, precision
-        self.meta = cache_meta(model, image_processor, precision)
+    def __init__(self, root: str | os.PathLike, model, image_processor, *, precision: str = "fp32", pad: bool = True):
+        self.model, self.processor, self.precision, self.pad = model, image_processor, precision, pad
+        self.meta = cache_meta(model, image_processor, precision, pad)
         self.key = cache_key(self.meta)
         self.dir = Path(root) / self.key
         self.shards = self.dir / "shards"
@@ -194,7 +195,7 @@ class FeatureCache:
                 by_digest.setdefault(d, rel)
         todo = sorted(by_digest)[rank::world]
         ids = {r.image: r.id for r in records if r.has_image}
-        loader = ImageLoader(self.processor, image_folder)
+        loader = ImageLoader(self.processor, image_folder, pad=self.pad)
         computed = bad = 0
         was_training = self.model.training
         self.model.eval()

@@ -22,9 +22,9 @@ wraps the model in DDP (gloo on CPU). bf16 on GPU, fp32 on CPU (`stage2.precisio
 Output under `out_dir`: checkpoints/ (trainable weights + optimizer state + data position, safetensors
 + JSON, rotated, atomic), logs/ (metrics.jsonl + tensorboard/), trainable.json, train_summary.json and
 hf/ (LlavaForConditionalGeneration + processor via `assemble.save_llava`). A rerun with the same out_dir
-resumes from the newest checkpoint to the same final weights (non-DeepSpeed path; under DeepSpeed the
-trainable weights, schedule and data position resume, the Adam moments restart, since DeepSpeed's
-optimizer state is only saved by its own pickled checkpoints).
+resumes from the newest checkpoint to the same final weights; under DeepSpeed the checkpoint also holds
+the fp32 master weights and Adam moments in safetensors (`ds_state`: DeepSpeed's per-parameter API, never
+its pickled checkpoints), restored into its partitions after `prepare`.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ from tqdm import tqdm
 from pipeline.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
 from pipeline.disk import require_free, tensor_bytes, tree_bytes
 from pipeline.faults import failpoint
-from pipeline.io import InputError, RunStopped, atomic_write_json, seed_everything
+from pipeline.io import InputError, RunStopped, atomic_write_json, load_safetensors, seed_everything
 from pipeline.metrics_log import MetricLogger
+from stage2_llava import ds_state
 from stage2_llava.assemble import build_llava, load_llava, num_image_tokens, save_llava, set_trainable, supervised_loss
 from stage2_llava.conversation import get_template
 from stage2_llava.data import Collator, ImageLoader, LlavaDataset, StepBatchSampler
@@ -226,7 +227,8 @@ def phase_data(cfg, ph, model, processor, records, skipped: int, image_folder, *
     """The phase's dataset; with `cfg.feature_cache` the tower features are built first (rank-sharded)."""
     table, cache_stats = None, None
     if cfg.feature_cache and any(r.has_image for r in records):
-        cache = FeatureCache(cache_dir, model, processor.image_processor, precision="bf16" if bf16 else "fp32")
+        cache = FeatureCache(cache_dir, model, processor.image_processor, precision="bf16" if bf16 else "fp32",
+                             pad=ph.image_aspect_ratio == "pad")
         t0 = time.perf_counter()
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         device = accelerator.device if accelerator else "cpu"
@@ -240,7 +242,8 @@ def phase_data(cfg, ph, model, processor, records, skipped: int, image_folder, *
     image_token_id = model.config.image_token_id
     if tok.convert_tokens_to_ids("<image>") != image_token_id:
         raise InputError(f"the processor's '<image>' id differs from the model's image_token_id={image_token_id}")
-    ds = LlavaDataset(records, tok, ImageLoader(processor.image_processor, image_folder), template=ph.template,
+    loader = ImageLoader(processor.image_processor, image_folder, pad=ph.image_aspect_ratio == "pad")
+    ds = LlavaDataset(records, tok, loader, template=ph.template,
                       image_token_id=image_token_id, num_image_tokens=num_image_tokens,
                       model_max_length=cfg.model_max_length, skip_bad=cfg.skip_bad_records, features=table)
     return PhaseData(ds, modality_lengths(records), skipped, cache_stats)
@@ -266,6 +269,28 @@ def _restore(model: nn.Module, optimizer, ckpt: Path, with_optimizer: bool) -> d
     return state
 
 
+def _where_it_ran(accelerator, params: list, precision: str) -> dict:
+    """Device, backend, compute precision and the trained parameters' dtype (scripts/gpu_smoke.py checks them)."""
+    dist = torch.distributed.is_initialized()
+    return {"device": str(accelerator.device), "backend": torch.distributed.get_backend() if dist else None,
+            "precision": "bf16" if use_bf16(precision) else "fp32",
+            "param_dtype": str(params[0].dtype).replace("torch.", "") if params else None}
+
+
+def _trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _restore_deepspeed(model: nn.Module, ds_optimizer, ckpt: Path, state: dict, phase: str) -> None:
+    """fp32 masters + Adam moments from the checkpoint's safetensors (ds_state); older checkpoints lack them."""
+    if not (ckpt / ds_state.FILE).is_file() or not state.get("deepspeed"):
+        log.warning("stage2 %s: %s has no %s (written before exact DeepSpeed resume): weights, schedule and data "
+                    "position resume, the Adam moments restart from zero", phase, ckpt, ds_state.FILE)
+        return
+    ds_state.restore(_trainable_named(model), ds_optimizer, load_safetensors(ckpt / ds_state.FILE),
+                     state["deepspeed"], str(ckpt))
+
+
 def _save_final(model: nn.Module, processor, out: Path, deepspeed: str, is_main: bool) -> None:
     if deepspeed == "zero3":
         import deepspeed as ds
@@ -280,7 +305,7 @@ def _save_final(model: nn.Module, processor, out: Path, deepspeed: str, is_main:
 def disk_need(model: nn.Module, cfg, ph, records, num_tokens: int) -> dict[str, int]:
     """Peak bytes a phase writes: keep+1 checkpoints, the HF model directory and (opt-in) the feature cache."""
     trainable = tensor_bytes(p for p in model.parameters() if p.requires_grad)
-    moments = 2 * trainable if ph.deepspeed == "none" else 0  # DeepSpeed's moments are not checkpointed (docstring)
+    moments = 2 * trainable if ph.deepspeed == "none" else 3 * trainable  # DeepSpeed: + the fp32 masters (ds_state)
     need = {f"{cfg.keep_checkpoints + 1} checkpoints": (cfg.keep_checkpoints + 1) * (trainable + moments + OVERHEAD_BYTES),
             "HF model directory": tensor_bytes(model.state_dict().values()) + TOKENIZER_FILES_BYTES}
     if cfg.feature_cache:
@@ -324,11 +349,10 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
         state = _restore(model, optimizer, ck, with_optimizer=ds == "none")
         step, epoch, step_in_epoch, counters = state["step"], state["epoch"], state["step_in_epoch"], state["counters"]
         log.info("stage2 %s: resuming from %s (step %d)", phase, ck, step)
-        if ds != "none":
-            log.warning("stage2 %s: DeepSpeed resume restores weights, schedule and data position; the Adam "
-                        "moments restart from zero", phase)
     resumed_from = step
     wrapped, opt = accelerator.prepare(TrainForward(model), optimizer)
+    if ck is not None and ds != "none":
+        _restore_deepspeed(model, wrapped.optimizer, ck, state, phase)
     wrapped.train()
     params = [p for p in wrapped.parameters() if p.requires_grad]
     global_batch = ph.per_device_batch_size * accum * world
@@ -346,11 +370,15 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
 
     def checkpoint():
         tensors = _trainable_state(model, ds)
+        extra, ds_meta = {}, None
+        if ds != "none":  # every rank takes part in assembling DeepSpeed's partitions
+            ds_tensors, ds_meta = ds_state.gather(_trainable_named(model), wrapped.optimizer, keep=is_main)
+            extra = {ds_state.FILE: ds_tensors}
         if is_main:
             save_checkpoint(ckpt_dir, step, tensors, optimizer if ds == "none" else None, {
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "counters": counters, "phase": phase,
-                "world_size": world, "global_batch": global_batch, "total_steps": total,
-            }, keep=cfg.keep_checkpoints)
+                "world_size": world, "global_batch": global_batch, "total_steps": total, "deepspeed": ds_meta,
+            }, keep=cfg.keep_checkpoints, extra=extra)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total, initial=step, desc=f"stage2 {phase}", disable=not is_main, dynamic_ncols=True)
@@ -404,7 +432,7 @@ def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, ph
         "world_size": world, "per_device_batch_size": ph.per_device_batch_size, "accumulation_steps": accum,
         "global_batch_size": global_batch, "steps_per_epoch": per_epoch, "trainable": trainable,
         "skipped_records": data.skipped_records, **counters, "feature_cache": data.cache, "deepspeed": ds,
-        "disk_estimate": disk_estimate,
+        "disk_estimate": disk_estimate, **_where_it_ran(accelerator, params, cfg.precision),
     }
     _save_final(model, processor, out_dir / "hf", ds, is_main)
     if is_main:

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("stage1_pretrain", "stage2_llava", "eval_mllm")
 HELPERS = {"pipeline.io", "pipeline.schema", "pipeline.checkpoint", "pipeline.metrics_log", "pipeline.disk",
-           "pipeline.faults", "pipeline.images"}
+           "pipeline.faults", "pipeline.images", "pipeline.devices", "pipeline.launch"}
 
 
 def _imports(path: Path) -> set[str]:

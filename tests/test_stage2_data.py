@@ -19,6 +19,7 @@ import torch
 from bad_images import bomb_png, broken_png, encode, mode_images, noise, truncated_jpeg, truncated_png
 from PIL import Image
 
+from pipeline.config import load_config
 from pipeline.io import InputError
 from stage2_llava.data import (
     Collator,
@@ -133,6 +134,11 @@ def test_expand2square_matches_llava_image_processor_padding(tiny):
     # and without the processor's padding, the mean-colour pad is what makes the difference
     nopad = proc.image_processor(images=img, do_pad=False, return_tensors="pt")["pixel_values"][0]
     assert not torch.allclose(pv, nopad, atol=1e-2)
+    # image_aspect_ratio "square" (LLaVA-1.5's pretrain): resize + centre crop, no padding at all
+    square = ImageLoader(proc.image_processor, folder, pad=False)("img0.png")
+    assert torch.equal(square, nopad)
+    assert load_config("tiny").stage2.pretrain.image_aspect_ratio == "square"
+    assert load_config("tiny").stage2.finetune.image_aspect_ratio == "pad"
 
 
 # ------------------------------------------------------------------------------ dataset/collator
