@@ -1,5 +1,6 @@
 """A/B report over arms (towers): verdict, benchmark table with blind floors, paired-bootstrap deltas
-(vs the baseline arm, vs the untrained control arm, vs each arm's own blind run), stage-1 metrics, curves.
+(vs the baseline arm, vs the untrained control arm, vs each arm's own blind run), each arm's vision tower
+(source, family, parameters, image tokens), stage-1 metrics, curves.
 
 Every number comes from the inputs: each arm's runner `results.json` and `samples/TASK.jsonl` (and
 those of its grey-image run), its stage-1 `metrics.json` and its training JSONL logs; the report lists
@@ -220,6 +221,26 @@ def _stage1_section(report: dict) -> list[str]:
     return lines
 
 
+def _params(n) -> str:
+    if not isinstance(n, (int, float)):
+        return "—"
+    return next((f"{n / d:.1f}{u}" for u, d in (("B", 1e9), ("M", 1e6), ("k", 1e3)) if n >= d), str(int(n)))
+
+
+def _towers_section(report: dict) -> list[str]:
+    """Which tower each arm used, its size and image-token count (they confound a comparison across towers)."""
+    towers = report.get("towers") or {}
+    if not towers:
+        return []
+    lines = ["", "## Vision towers", "", "| arm | tower | family | parameters | input px | image tokens | feature layer | "
+             "leading tokens kept |", "|---|---|---|---|---|---|---|---|"]
+    for arm, t in towers.items():
+        lines.append(f"| {arm} | `{t.get('spec', '—')}` | {t.get('family', '—')} | {_params(t.get('params'))} | "
+                     f"{t.get('image_size', '—')} | {t.get('image_tokens', '—')} | {t.get('feature_layer', '—')} | "
+                     f"{t.get('leading_tokens_kept', '—')} |")
+    return lines
+
+
 def _markdown(report: dict, tasks: list[str], headers: dict) -> str:
     base, control = report["baseline"], report.get("control")
     lines = ["# A/B report: vision towers through LLaVA-1.5 and lmms-eval", "", "## Verdict", ""]
@@ -227,6 +248,7 @@ def _markdown(report: dict, tasks: list[str], headers: dict) -> str:
     lines += ["## Benchmarks (paper Table 4 layout, percent; `(blind)`: every image replaced by a grey one)", ""]
     lines += ["| tower | " + " | ".join(headers[t] for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
     lines += _table_rows(report, tasks)
+    lines += _towers_section(report)
     boot = f"paired bootstrap over test documents, {report['n_resamples']} resamples, 95% percentile CI"
     if control:
         lines += _delta_section(f"## Sensitivity: each arm vs the untrained `{control}` tower ({boot})",
@@ -293,7 +315,7 @@ def write_report(arms: dict, out_dir, baseline: str | None = None, control: str 
                  n_resamples: int = 1000, seed: int = 0, seeds_note: str = "one seed per arm") -> dict:
     """Write report.md / report.json / PNGs for `arms` ({name: {"results_json", "samples_dir",
     "blind_results_json"?, "blind_samples_dir"?, "stage1_metrics"?, "stage1_info"?: {method, augment, steps},
-    "umap_png"?, "train_logs"?: {log name: JSONL}}}). `baseline` (default: the first arm) is what the A/B deltas
+    "umap_png"?, "train_logs"?: {log name: JSONL}, "tower"?: {spec, family, params, image_size, image_tokens, ...}}}). `baseline` (default: the first arm) is what the A/B deltas
     are taken against; `control` (optional) is the untrained-tower arm the sensitivity check uses.
     Returns the report.json content."""
     _check_arms(arms, baseline, control)
@@ -318,6 +340,7 @@ def write_report(arms: dict, out_dir, baseline: str | None = None, control: str 
         "all_metrics": {arm: {t: e.get("metrics", {}) for t, e in res.get("tasks", {}).items()}
                         for arm, res in arms_results.items()},
         "stage1": stage1, "stage1_info": {a: s.get("stage1_info") or {} for a, s in arms.items()}, "umap": umap,
+        "towers": {a: s["tower"] for a, s in arms.items() if s.get("tower")},
         "curves": curves, "notes": _report_notes(arms_results, tasks, entries, torn, cmp, baseline),
         "skipped": {arm: res.get("skipped", {}) for arm, res in arms_results.items()}, "sources": sources,
     }

@@ -101,6 +101,19 @@ def stage1_line(report: dict) -> str | None:
     return "**Stage 1.** " + "; ".join(parts) + tail + "." + policy
 
 
+def towers_line(report: dict) -> str | None:
+    """Arms on towers of different size or image-token count compare more than their pretraining."""
+    towers = report.get("towers") or {}
+    differ = [key for key in ("family", "params", "image_tokens") if len({str(t.get(key)) for t in towers.values()}) > 1]
+    if len(towers) < 2 or not differ:
+        return None
+    parts = [f"{arm}: {t.get('family')}, {t.get('params', 0) / 1e6:.1f}M parameters, {t.get('image_tokens')} image "
+             "tokens" for arm, t in towers.items()]
+    return ("**Towers differ** (" + ", ".join(differ).replace("params", "parameters").replace("_", " ") + "): "
+            + "; ".join(parts) + ". Deltas between these arms mix the towers' size and token budget with their "
+            "pretraining.")
+
+
 def blind_floors(report: dict) -> str | None:
     table, headers = report.get("blind_table") or {}, report["columns"]
     cells = []
@@ -114,6 +127,6 @@ def blind_floors(report: dict) -> str | None:
 
 def verdict(report: dict) -> list[str]:
     """The verdict paragraphs, each a sentence group computed from `report` (see write_report's report.json)."""
-    lines = [sensitivity(report), looks_at_images(report), *ab_deltas(report), stage1_line(report),
-             blind_floors(report)]
+    lines = [sensitivity(report), looks_at_images(report), *ab_deltas(report), towers_line(report),
+             stage1_line(report), blind_floors(report)]
     return [line for line in lines if line]

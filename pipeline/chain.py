@@ -131,6 +131,28 @@ def stage2_sources(cfg: RunConfig, rd: RunDir, phase: str) -> tuple[str, str]:
     return str(root / paths[f"stage2_{phase}"]), str(root / paths["stage2_images"])
 
 
+def stage2_tower(cfg: RunConfig, rd: RunDir, cache: Path) -> str:
+    """The HF directory of stage 2's tower (stage2_llava.towers): the run's stage-1 export, an HF directory as
+    given, or an open_clip checkpoint converted by stage 1's exporter (numerically checked, cached in `cache`)."""
+    from stage2_llava.towers import parse_tower_spec
+
+    spec = parse_tower_spec(cfg.stage2.vision_tower)
+    if spec.kind == "stage1":
+        return str(rd.require_output("stage1", "hf_clip_dir"))
+    if spec.kind == "open_clip":
+        from stage1_pretrain.external import convert_to_hf
+
+        return str(convert_to_hf(spec.path, spec.arch, cache / "towers"))
+    return spec.text
+
+
+def runs_stage1(cfg: RunConfig) -> bool:
+    """False for an external tower (stage2.vision_tower): the chain then skips stage 1."""
+    from stage2_llava.towers import is_external
+
+    return not is_external(cfg.stage2.vision_tower)
+
+
 def _stage2_entry(kwargs: dict) -> dict:
     """Module-level (picklable) entry for the launcher: one stage-2 phase in every process."""
     from stage2_llava.train import run_phase
@@ -161,8 +183,7 @@ def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path 
     out_dir = rd.path / f"stage2_{phase}"
     cache = Path(shared_cache or rd.path / "cache")  # shared by A/B arms: one LM initialisation for all
     if phase == "pretrain":
-        tower = cfg.stage2.vision_tower or str(rd.require_output("stage1", "hf_clip_dir"))
-        init = (tower, cfg.stage2.language_model)
+        init = (stage2_tower(cfg, rd, cache), cfg.stage2.language_model)
     else:
         init = str(rd.require_output("stage2_pretrain", "hf_dir"))
     kwargs = dict(phase=phase, cfg=cfg.stage2, init_dir_or_sources=init, data_json=data_json,
@@ -219,7 +240,7 @@ def _stage2_section(phase: str) -> Callable[[RunConfig], Any]:
 STEPS = (
     Step("data", lambda c: c.data, lambda c, rd, **_: {"root": ensure_data(c, rd)[0]}, lambda rd: [], ("root",)),
     Step("stage1", lambda c: c.stage1, lambda c, rd, **_: _stage1(c, rd), lambda rd: [rd.path / "stage1"],
-         ("checkpoint_dir", "open_clip_dir", "hf_clip_dir", "metrics_json")),
+         ("checkpoint_dir", "open_clip_dir", "hf_clip_dir", "metrics_json"), enabled=runs_stage1),
     Step("stage2_pretrain", _stage2_section("pretrain"),
          lambda c, rd, **kw: run_stage2_phase(c, rd, "pretrain", kw.get("shared_cache"), kw.get("nodes")),
          lambda rd: [rd.path / "stage2_pretrain"], ("hf_dir",)),
@@ -241,10 +262,13 @@ def _outputs_exist(rd: RunDir, step: Step) -> bool:
 
 
 def step_keys(cfg: RunConfig) -> dict[str, str]:
-    """Each step's key: its config section's hash chained with the upstream step's key."""
+    """Each step's key: its config section's hash chained with the upstream step's key (a disabled step, such as
+    stage 1 for an external tower, is not upstream of anything)."""
     keys, upstream = {}, ""
     for step in STEPS:
-        upstream = keys[step.name] = config_hash({"config": to_dict(step.section(cfg)), "upstream": upstream})
+        keys[step.name] = config_hash({"config": to_dict(step.section(cfg)), "upstream": upstream})
+        if step.enabled(cfg):
+            upstream = keys[step.name]
     return keys
 
 
@@ -287,21 +311,27 @@ def run_chain(cfg: RunConfig, rd: RunDir, shared_cache: Path | None = None) -> d
 
 
 def _arm_inputs(cfg: RunConfig, rd: RunDir) -> dict:
-    """What the A/B report reads of one arm's run directory."""
-    summary = rd.require_output("stage1", "checkpoint_dir").parent / "train_summary.json"
+    """What the A/B report reads of one arm's run directory (an external-tower arm has no stage-1 outputs)."""
+    hf = rd.require_output("stage2_finetune", "hf_dir")
+    info = read_json(hf / "ito_mllm.json") if (hf / "ito_mllm.json").is_file() else {}
     spec = {
         "results_json": rd.require_output("eval", "results_json"),
         "samples_dir": rd.require_output("eval", "samples_dir"),
-        "stage1_metrics": rd.require_output("stage1", "metrics_json"),
-        "stage1_info": {"method": cfg.stage1.method, "augment": cfg.stage1.augment,
-                        "steps": read_json(summary)["steps"] if summary.is_file() else None},
-        "umap_png": rd.require_output("stage1", "umap_png"),
+        "tower": {"spec": cfg.stage2.vision_tower or "stage1", **(info.get("tower") or {})},
         "train_logs": {
-            "stage1": rd.require_output("stage1", "train_log"),
             "stage2_pretrain": rd.require_output("stage2_pretrain", "train_log"),
             "stage2_finetune": rd.require_output("stage2_finetune", "train_log"),
         },
     }
+    if runs_stage1(cfg):
+        summary = rd.require_output("stage1", "checkpoint_dir").parent / "train_summary.json"
+        spec.update({
+            "stage1_metrics": rd.require_output("stage1", "metrics_json"),
+            "stage1_info": {"method": cfg.stage1.method, "augment": cfg.stage1.augment,
+                            "steps": read_json(summary)["steps"] if summary.is_file() else None},
+            "umap_png": rd.require_output("stage1", "umap_png"),
+        })
+        spec["train_logs"] = {"stage1": rd.require_output("stage1", "train_log"), **spec["train_logs"]}
     if cfg.eval.blind:
         spec["blind_results_json"] = rd.require_output("eval_blind", "results_json")
         spec["blind_samples_dir"] = rd.require_output("eval_blind", "samples_dir")

@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(_command(sub, "ab", "run every arm of ab.arms and write the A/B report", c.ab))
     _add_common(_command(sub, "demo", "the first-time user's command: the full CLIP-vs-ITO A/B on the demo world", c.demo))
 
+    p = _command(sub, "chat", "talk to a trained LLaVA: one-shot (--prompt) or interactive turns, tokens streamed, "
+                 "the vicuna_v1 prompt of training and eval", c.chat)
+    p.add_argument("--model", type=Path, help="LLaVA HF directory (default: the run's stage2_finetune output)")
+    p.add_argument("--image", help="image the conversation is about (interactive: /image PATH switches)")
+    p.add_argument("--prompt", help="ask this once, print the answer and exit (default: interactive turns)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
+    p.add_argument("--top-p", type=float, help="nucleus sampling with --temperature > 0")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    _add_common(p, "run directory whose finetuned model is the default --model (default: runs/<config name>)")
+
     p = _command(sub, "plan", "cost before running: parameters, memory per GPU, FLOPs, GPU-hours, disk per stage "
                  "(models on the meta device; writes RUN_DIR/plan.json)", c.plan)
     _add_common(p, "write plan.json here (default: runs/<config name>)")

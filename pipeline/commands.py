@@ -167,6 +167,35 @@ def demo(args) -> int:
     return ab(args)
 
 
+def chat(args) -> int:
+    """`ito-mllm chat`: the run's finetuned MLLM (or --model), one-shot with --prompt or interactive."""
+    import torch
+
+    from pipeline.devices import resolve_device
+    from pipeline.io import InputError
+    from stage2_llava.chat import ChatSession, Sampling, interactive, load_chat_model, open_image, reply
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        raise InputError("chat: expected --max-new-tokens >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    model_dir = args.model
+    if model_dir is None:
+        cfg, rd = resolve(args, save=False)
+        model_dir = (rd or RunDir(Path("runs") / cfg.name)).require_output("stage2_finetune", "hf_dir")
+    image = open_image(args.image) if args.image else None  # before loading the model: a typo fails fast
+    device = resolve_device(args.device, "--device")
+    model, processor = load_chat_model(model_dir, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                                       device=device)
+    session = ChatSession(model, processor, image=image)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    print(f"model: {model_dir}" + (f"  image: {args.image}" if args.image else "  (no image)"))
+    if args.prompt is None:
+        interactive(session, sampling)
+        return 0
+    print(f"USER: {args.prompt}\nASSISTANT: ", end="", flush=True)
+    reply(session, args.prompt, sampling)
+    return 0
+
+
 def plan(args) -> int:
     from pipeline.io import atomic_write_json
     from pipeline.plan import make_plan, render

@@ -34,6 +34,15 @@ class DataConfig:
     root: str = option("", help="use an existing data directory instead of generating one into the run dir")
 
 
+# The keys an A/B arm may set: how its tower is pretrained (stage1.*), which tower it uses and how LLaVA reads
+# its features. Everything else (data, LM, stage-2 recipe, evaluation) is shared so the comparison is fair.
+ARM_KEYS = ("stage1.*", "stage2.vision_tower", "stage2.vision_feature_layer")
+
+
+def arm_key_allowed(key: str) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in ARM_KEYS)
+
+
 def _default_arms() -> dict[str, dict[str, Any]]:
     return {"clip": {"stage1.method": "clip"}, "ito": {"stage1.method": "ito"}}
 
@@ -45,6 +54,21 @@ class ABConfig:
     control: str = option("", help="an untrained-tower arm (stage1.epochs=0) the report checks sensitivity against "
                                    "(empty: none)")
 
+    @staticmethod
+    def _check_external(name: str, overrides: dict, prefix: str) -> None:
+        """An arm with an external tower skips stage 1, so stage1.* keys would do nothing there."""
+        from stage2_llava.towers import is_external
+
+        tower = overrides.get("stage2.vision_tower")
+        stage1 = [k for k in overrides if k.startswith("stage1.")]
+        try:
+            external = bool(tower) and is_external(str(tower))
+        except ValueError as e:  # a malformed spec
+            raise ConfigError(f"{prefix}.arms.{name}: {e}") from None
+        if external and stage1:
+            raise ConfigError(f"{prefix}.arms.{name}: stage2.vision_tower={tower} is an external tower, so stage 1 "
+                              f"does not run for this arm; drop {', '.join(stage1)}")
+
     def validate(self, prefix: str = "ab") -> None:
         if len(self.arms) < 2:
             raise ConfigError(f"{prefix}.arms: an A/B run needs at least 2 arms, got {len(self.arms)}")
@@ -52,11 +76,12 @@ class ABConfig:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ConfigError(f"{prefix}.arms.{name}: arm names may use letters, digits, '-' and '_' only")
             for key in overrides:
-                if not key.startswith("stage1."):
+                if not arm_key_allowed(key):
                     raise ConfigError(
-                        f"{prefix}.arms.{name}.{key}: arms may only differ in stage1.* keys "
+                        f"{prefix}.arms.{name}.{key}: arms may only set {', '.join(ARM_KEYS)} "
                         "(everything else is shared so the comparison is fair)"
                     )
+            self._check_external(name, overrides, prefix)
         for role in ("baseline", "control"):
             name = getattr(self, role)
             if name and name not in self.arms:

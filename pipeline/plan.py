@@ -192,29 +192,35 @@ def lm_config(spec: str):
 
 
 def tower_config(cfg, build):
-    """The HF CLIP vision config of stage 2's tower: stage2.vision_tower's, else the stage-1 model's shape."""
+    """(vision config, shape source, LLaVA strategy, layer) of stage 2's tower: an HF directory's (any registered
+    family, stage2_llava.towers), else the shape stage 1's HF CLIP export gives the stage-1 model."""
     from transformers import CLIPVisionConfig
 
-    tower = cfg.stage2.vision_tower.split(":", 1)[-1] if cfg.stage2.vision_tower else ""
-    if tower and (Path(tower) / "config.json").is_file():
-        return CLIPVisionConfig.from_pretrained(tower, local_files_only=True), tower
+    from stage2_llava.towers import FAMILY_FEATURE_LAYER, feature_selection, parse_tower_spec, vision_config_of
+
+    spec = parse_tower_spec(cfg.stage2.vision_tower)
+    layer = cfg.stage2.vision_feature_layer
+    if spec.kind == "hf" and (spec.path / "config.json").is_file():
+        config, family = vision_config_of(spec.path)
+        layer = family.feature_layer if layer is None else layer
+        return config, str(spec.path), feature_selection(family.prefix_tokens(config))[0], layer
     visual = build.task.model.visual  # the shape stage 1's HF export gives the tower (stage1_pretrain.export)
     block = visual.transformer.resblocks[0]
     config = CLIPVisionConfig(hidden_size=int(visual.transformer.width), intermediate_size=int(block.mlp.c_fc.out_features),
                               num_hidden_layers=len(visual.transformer.resblocks), num_attention_heads=int(block.attn.num_heads),
                               image_size=int(visual.image_size[0]), patch_size=int(visual.patch_size[0]))
-    return config, f"stage1.model {cfg.stage1.model}"
+    return config, f"stage1.model {cfg.stage1.model}", "default", FAMILY_FEATURE_LAYER if layer is None else layer
 
 
 def llava_meta(cfg, build):
     """LlavaForConditionalGeneration on the meta device + the sources of its parts' shapes."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    vision, vsrc = tower_config(cfg, build)
+    vision, vsrc, strategy, layer = tower_config(cfg, build)
     text, tsrc = lm_config(cfg.stage2.language_model)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=text.vocab_size,
-                         vision_feature_layer=cfg.stage2.vision_feature_layer, projector_hidden_act="gelu",
-                         vision_feature_select_strategy="default", multimodal_projector_bias=True)
+                         vision_feature_layer=layer, projector_hidden_act="gelu",
+                         vision_feature_select_strategy=strategy, multimodal_projector_bias=True)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     return model, [f"vision tower shape: {vsrc}", f"language model shape: {tsrc}"]

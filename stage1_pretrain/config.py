@@ -24,6 +24,10 @@ class Stage1Config:
     probe_train: str = option("", help="labelled JSONL the linear probe trains on (with probe_test: the paper's AdamW "
                               "protocol); empty: the demo world's probe split, else a quick probe on halves of eval_data")
     probe_test: str = option("", help="labelled JSONL the linear probe is scored on (same classnames.json as probe_train)")
+    init_from: str = option("", help="warm start: an open_clip checkpoint (an open_clip model directory with "
+                            "open_clip_config.json + open_clip_model.safetensors, or a .safetensors state dict of "
+                            "stage1.model) loaded into both towers before training; training-only heads (fusion, "
+                            "FLAIR pooling, SSL) start fresh; a different architecture is an error")
     epochs: int = option(1, min=0, help="passes over the training data (0: no training; the initialised towers are "
                          "exported, the untrained `random` control arm)")
     samples_per_epoch: int | None = option(None, min=1, help="samples per epoch; required with resampled shards")

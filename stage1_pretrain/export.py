@@ -11,7 +11,10 @@
    `CLIPImageProcessor` equal to open_clip's validation transform (shortest-side bicubic resize,
    center crop, the model's mean/std). Text pooling: `eos_token_id = 2` selects transformers'
    `argmax(input_ids)` path, which is open_clip's EOT pooling. No tokenizer is written (stage 2
-   needs only the vision tower); use open_clip's tokenizer for text.
+   needs only the vision tower); use open_clip's tokenizer for text. Before the directory is renamed
+   into place it is reloaded and checked against open_clip (`verify_hf_clip`: every vision and text
+   hidden state and both embeddings on seeded random inputs, to 1e-4 relative; the max differences
+   go to `export_check.json`).
 
 Both directories are written to a temporary sibling and renamed into place.
 """
@@ -32,6 +35,8 @@ from pipeline.io import atomic_write_json, save_safetensors, staged_dir
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # first in open_clip's preferred checkpoint names
+EXPORT_CHECK = "export_check.json"  # the numerical check of the HF export against open_clip
+CHECK_REL_TOL = 1e-4
 _CUSTOM_TEXT_KEYS = ("text_projection", "positional_embedding", "token_embedding", "transformer", "ln_final")
 
 
@@ -257,17 +262,77 @@ def hf_image_processor(image_size: int, mean, std, interpolation: str = "bicubic
     )
 
 
+def _residuals(blocks, run) -> list[torch.Tensor]:
+    """Residual stream of a tower: the input of block 0 (HF hidden_states[0]) and every block's output."""
+    states = []
+    hooks = [blocks[0].register_forward_pre_hook(lambda m, args: states.append(args[0].detach()))]
+    hooks += [b.register_forward_hook(lambda m, args, out: states.append(out.detach())) for b in blocks]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return states
+
+
+def verify_hf_clip(model: nn.Module, hf_dir: str | os.PathLike, *, rel_tol: float = 1e-4, seed: int = 0) -> dict:
+    """Check an exported HF CLIP directory against the open_clip model it came from; {quantity: max |diff|}.
+
+    Compared on seeded random images and token ids: every vision and text hidden state (open_clip's residual
+    stream vs transformers' `hidden_states`) and both projected embeddings. Raises ValueError naming the first
+    quantity whose max |diff| exceeds rel_tol x max(1, max |open_clip value|).
+    """
+    from transformers import CLIPModel
+
+    hf = CLIPModel.from_pretrained(str(hf_dir), local_files_only=True, use_safetensors=True).eval()
+    cfg = hf.config
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=gen)
+    length = cfg.text_config.max_position_embeddings
+    texts = torch.randint(1, cfg.text_config.vocab_size - 1, (2, length), generator=gen)
+    texts[:, length // 2] = cfg.text_config.vocab_size - 1  # an end-of-text token (the largest id) to pool at
+    transformer = _text_tower(model)[0]
+    was_training = model.training
+    model.eval()
+    try:
+        pairs = {"vision hidden states": (_residuals(model.visual.transformer.resblocks, lambda: model.encode_image(images)),
+                                          hf.vision_model(pixel_values=images, output_hidden_states=True).hidden_states),
+                 "text hidden states": (_residuals(transformer.resblocks, lambda: model.encode_text(texts)),
+                                        hf.text_model(input_ids=texts, output_hidden_states=True).hidden_states)}
+        with torch.no_grad():
+            pairs["image embedding"] = ([model.encode_image(images)], [hf.get_image_features(pixel_values=images).pooler_output])
+            pairs["text embedding"] = ([model.encode_text(texts)], [hf.get_text_features(input_ids=texts).pooler_output])
+    finally:
+        model.train(was_training)
+    diffs = {}
+    for name, (ref, got) in pairs.items():
+        if len(ref) != len(got):
+            raise ValueError(f"HF export: {name}: {len(got)} tensors, open_clip has {len(ref)}")
+        for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+            d = float((a - b.detach()).abs().max())
+            tol = rel_tol * max(1.0, float(a.abs().max()))
+            if not d <= tol:
+                raise ValueError(f"HF export differs from open_clip: {name} [{i}] max |diff| {d:.3g} > {tol:.3g}")
+            diffs[name] = max(diffs.get(name, 0.0), d)
+    return diffs
+
+
 def export_hf_clip(
     model: nn.Module,
     out_dir: str | os.PathLike,
     image_size: int | None = None,
     mean=None,
     std=None,
+    verify: bool = True,
 ) -> Path:
     """Write a transformers `CLIPModel` + `CLIPImageProcessor` directory; returns its path.
 
     `image_size`, `mean`, `std` default to the model's open_clip preprocess config (they must
     describe what the model was trained on; `image_size` must equal the ViT's input size).
+    `verify`: reload the written directory and check it against `model` (verify_hf_clip) before it
+    replaces `out_dir` (max differences in export_check.json); a mismatch raises ValueError and leaves
+    the previous directory.
     """
     from transformers import CLIPModel
 
@@ -288,4 +353,7 @@ def export_hf_clip(
     with staged_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if verify:
+            atomic_write_json(tmp / EXPORT_CHECK, {"max_abs_diff": verify_hf_clip(model, tmp, rel_tol=CHECK_REL_TOL),
+                                                   "rel_tol": CHECK_REL_TOL})
     return Path(out_dir)

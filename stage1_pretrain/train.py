@@ -116,6 +116,17 @@ def disk_need(task: torch.nn.Module, keep: int) -> dict[str, int]:
             "final weights + open_clip/HF exports": 3 * inference}
 
 
+def _zero_shot_at_start(cfg, build, evalset, logger: MetricLogger, device) -> float:
+    """Zero-shot top-1 of the warm-started towers before the first step, logged at step 0 (once, also on resume)."""
+    from .evaluate import zero_shot_top1
+
+    acc = zero_shot_top1(build.task.inference_model(), build.preprocess_val, build.tokenizer, evalset,
+                         batch_size=cfg.eval_batch_size, device=str(device))
+    if logger.jsonl.stat().st_size == 0:  # a resume before the first checkpoint kept the step-0 line
+        logger.log(0, {"zero_shot_top1": acc, "epoch_end": 0})
+    return acc
+
+
 def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_steps: int | None = None) -> dict:
     """Train (or resume) stage 1 into `out_dir`; returns the summary written to train_summary.json."""
     rank, world, device = _setup_distributed()
@@ -126,6 +137,11 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
         torch.use_deterministic_algorithms(True, warn_only=True)
     build = build_task(cfg, rank=rank, world_size=world, device=device)
     task, method = build.task, build.method
+    warm = None
+    if cfg.init_from:  # before any checkpoint: a resume then overwrites it, so kill + resume stays exact
+        from .external import warm_start
+
+        warm = warm_start(task.model, build.model_cfg, cfg.init_from, cfg.model)
     disk = require_free(out_dir, "stage 1 training", disk_need(task, cfg.keep_checkpoints), present=tree_bytes(out_dir))
     model = torch.nn.parallel.DistributedDataParallel(task) if world > 1 else task
     optimizer = torch.optim.AdamW(
@@ -151,6 +167,8 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
         evalset = load_eval_records(eval_data)
     logger = MetricLogger(out_dir / "logs", resume_step=step) if is_main else None
     autocast = _autocast(cfg.precision, device)
+    if warm is not None and ck is None and evalset is not None and cfg.zero_shot_every_epoch:
+        warm["zero_shot_top1_at_start"] = _zero_shot_at_start(cfg, build, evalset, logger, device)
 
     def checkpoint():
         streams = gather_positions(stream, world)
@@ -207,7 +225,7 @@ def train(cfg, train_data: str, eval_data: str | None, out_dir: str | Path, max_
             checkpoint()
     bar.close()
     summary = {"steps": step, "epochs_done": epoch, "method": method.name, "model": cfg.model,
-               "world_size": world, "data_counters": counters.as_dict(), "disk_estimate": disk,
+               "world_size": world, "data_counters": counters.as_dict(), "disk_estimate": disk, "warm_start": warm,
                **where_it_ran(device, cfg.precision)}
     if is_main:
         final = out_dir / "final"

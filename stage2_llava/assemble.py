@@ -2,16 +2,20 @@
 
 `build_llava` loads the vision tower and the language model through the registries, builds the LLaVA
 skeleton on the meta device and moves the loaded modules into it (no copy, no second random init of a
-7B LM): `model.model.vision_tower` is the CLIPVisionModel, `model.model.language_model` the LM's decoder
-and `model.lm_head` its output layer; only the projector is freshly initialised (seeded). The config is
-LLaVA-1.5's: features of block `vision_feature_layer` (-2), patch tokens only ("default" strategy drops
-CLS), projector bias, GELU. "<image>" is registered in the tokenizer (preprocess.prepare_tokenizer) and
-the embeddings are resized with the new rows set to the mean of the old ones, as LLaVA does.
+7B LM): `model.model.vision_tower` is the tower (CLIPVisionModel, SiglipVisionModel, Dinov2Model, ...),
+`model.model.language_model` the LM's decoder and `model.lm_head` its output layer; only the projector is
+freshly initialised (seeded). The config is LLaVA-1.5's: features of block `vision_feature_layer` (-2), patch
+tokens only (the "default" strategy drops CLIP's and DINOv2's CLS; SigLIP has none: "full"; see
+stage2_llava.towers), projector bias, GELU. `config.ito_mllm["tower"]` records the tower's source, family,
+parameter count, input size and image-token count. "<image>" is registered in the tokenizer
+(preprocess.prepare_tokenizer) and the embeddings are resized with the new rows set to the mean of the old
+ones, as LLaVA does.
 
 The processor is a `LlavaProcessor` whose `LlavaImageProcessor` pads to a square with the image-mean
-colour (LLaVA's expand2square: `tuple(int(x*255) for x in image_mean)`, image centred), resizes with the
-tower's resample filter to the tower size and normalises with the tower's mean/std; its tokenizer and
-the processor carry the vicuna_v1 chat template (lmms-eval's llava_hf applies the tokenizer's).
+colour (LLaVA's expand2square: `tuple(int(x*255) for x in image_mean)`, image centred), resizes and crops as
+the tower's own processor does (resample filter, shortest edge or fixed size, centre crop) and normalises with
+its mean/std; its tokenizer and the processor carry the vicuna_v1 chat template (lmms-eval's llava_hf applies
+the tokenizer's).
 
 `save_llava` writes `save_pretrained` (safetensors) + the processor + `ito_mllm.json` into a temporary
 sibling directory and renames it into place. With `mlp2x_gelu` (default) the directory is a plain HF
@@ -49,30 +53,40 @@ PHASES = ("pretrain", "finetune")
 
 
 def num_image_tokens(model_or_config) -> int:
-    """Image placeholder tokens per image: (image_size / patch)^2 patch features (+1 with the "full" strategy)."""
+    """Image placeholder tokens per image: the tower's recorded count (stage2_llava.towers.VisionTower.image_tokens),
+    else LLaVA-1.5's CLIP rule (image_size / patch)^2 (+1 with the "full" strategy) for directories without it."""
     cfg = getattr(model_or_config, "config", model_or_config)
+    tower = (getattr(cfg, "ito_mllm", None) or {}).get("tower") or {}
+    if "image_tokens" in tower:
+        return int(tower["image_tokens"])
     v = cfg.vision_config
     n = (v.image_size // v.patch_size) ** 2
     return n + 1 if cfg.vision_feature_select_strategy == "full" else n
 
 
 def make_processor(tower: VisionTower, tokenizer, chat_template: str | None = None):
-    """LlavaProcessor: pad-to-square (mean colour) + the tower's resize/normalisation, tokenizer, chat template."""
+    """LlavaProcessor: pad-to-square (mean colour) + the tower's own resize/crop/normalisation, tokenizer, chat template.
+
+    The token count follows the tower's feature convention (strategy, leading tokens), so the processor expands
+    "<image>" to exactly as many tokens as LlavaModel.get_image_features returns.
+    """
     from transformers import LlavaImageProcessor, LlavaProcessor
 
-    size = tower.image_size
+    side = {"height": tower.image_size, "width": tower.image_size}
+    resize = dict(tower.resize) or {"shortest_edge": tower.image_size}
+    crop = tower.crop or (side if "shortest_edge" in resize else None)
     image_processor = LlavaImageProcessor(
-        do_pad=True, do_resize=True, size={"shortest_edge": size}, resample=tower.resample,
-        do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=tower.image_mean, image_std=tower.image_std, do_convert_rgb=True,
+        do_pad=True, do_resize=True, size=resize, resample=tower.resample, do_center_crop=crop is not None,
+        crop_size=crop or side, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=tower.image_mean, image_std=tower.image_std, do_convert_rgb=True,
     )
     if chat_template is None:
         chat_template = get_template(CHAT_TEMPLATE, eos_token=tokenizer.eos_token).chat_template
     tokenizer.chat_template = chat_template
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=tower.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=chat_template,
-        image_token=DEFAULT_IMAGE_TOKEN,
+        vision_feature_select_strategy=tower.select_strategy, num_additional_image_tokens=tower.prefix_tokens,
+        chat_template=chat_template, image_token=DEFAULT_IMAGE_TOKEN,
     )
 
 
@@ -111,7 +125,7 @@ def build_llava(
     vision_tower: str | os.PathLike,
     language_model: str | os.PathLike,
     projector: str = DEFAULT_PROJECTOR,
-    vision_feature_layer: int = -2,
+    vision_feature_layer: int | None = None,
     *,
     model_max_length: int,
     dtype: torch.dtype = torch.float32,
@@ -121,7 +135,8 @@ def build_llava(
 ):
     """(LlavaForConditionalGeneration, LlavaProcessor) from a tower spec, an LM spec and a projector name.
 
-    cache_dir/demo_texts: needed only for the demo LMs (registry.LANGUAGE_MODELS). seed: projector init
+    vision_feature_layer: None takes the tower family's convention (stage2_llava.towers; -2 for every registered
+    family). cache_dir/demo_texts: needed only for the demo LMs (registry.LANGUAGE_MODELS). seed: projector init
     (and the demo LM's training). The model is returned in eval mode with every parameter trainable; call
     set_trainable for a phase.
     """
@@ -129,6 +144,8 @@ def build_llava(
 
     projector_builder(projector)  # fail on a bad name before loading anything
     tower = load_vision_tower(vision_tower, dtype=dtype)
+    if vision_feature_layer is None:
+        vision_feature_layer = tower.feature_layer
     _check_feature_layer(vision_feature_layer, tower.model.config.num_hidden_layers)
     lm = load_language_model(language_model, dtype=dtype, cache_dir=cache_dir, demo_texts=demo_texts, seed=seed)
     tokenizer = lm.tokenizer
@@ -142,13 +159,14 @@ def build_llava(
 
     config = LlavaConfig(
         vision_config=tower.model.config, text_config=lm.model.config, image_token_index=image_token_id,
-        projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", vision_feature_select_strategy=tower.select_strategy,
         vision_feature_layer=vision_feature_layer, multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(lm.model.config, "tie_word_embeddings", False)),
     )
-    config.image_seq_length = num_image_tokens(config)
+    config.image_seq_length = tower.image_tokens
     config.ito_mllm = {"projector": projector, "vision_tower": tower.source, "language_model": lm.source.name,
-                       "language_model_path": str(Path(lm.source.path).resolve()), "language_model_kind": lm.source.kind}
+                       "language_model_path": str(Path(lm.source.path).resolve()), "language_model_kind": lm.source.kind,
+                       "tower": tower.info(vision_feature_layer)}
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     decoder = lm.model.get_decoder()

@@ -45,10 +45,14 @@ def _finetune() -> PhaseConfig:
 
 @dataclass
 class Stage2Config:
-    vision_tower: str = option("", help="HF CLIP directory; empty: the run's stage1.hf_clip_dir")
+    vision_tower: str = option("", help="tower source (stage2_llava.towers): empty or `stage1` = this run's stage-1 "
+                               "export; `hf:DIR` or DIR = a local HF CLIP, SigLIP or DINOv2 vision model (stage 1 "
+                               "skipped); `open_clip:DIR` or `open_clip:ARCH:FILE.safetensors` = an open_clip "
+                               "checkpoint converted to HF CLIP with a numerical check (stage 1 skipped)")
     language_model: str = option("demo-llama", help="HF Llama-family directory, a .gguf file, or a registered name")
     projector: str = option("mlp2x_gelu", help="projector: mlp2x_gelu, linear, mlpNx_gelu")
-    vision_feature_layer: int = option(-2)
+    vision_feature_layer: int | None = option(None, help="tower hidden state LLaVA reads (None: the tower family's "
+                                              "convention, -2 for CLIP, SigLIP and DINOv2 as LLaVA-1.5 and prismatic)")
     model_max_length: int = option(2048, min=16)
     feature_cache: bool = option(False, help="cache frozen-tower features on disk, keyed by tower weights and preprocessing")
     grad_checkpointing: bool = option(False)

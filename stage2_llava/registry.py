@@ -1,9 +1,8 @@
 """Registries that turn stage-2 config strings into vision towers and language models (prismatic-vlms style).
 
-Vision towers (`stage2.vision_tower`): `VISION_TOWERS` maps a source kind to a loader. The only kind is
-`hf_clip`, a Hugging Face CLIP directory (CLIPModel or CLIPVisionModel checkpoint, plus the image
-processor the tower was trained with), loaded as a `CLIPVisionModel`. A spec is `KIND:PATH` or a bare
-PATH whose config.json `model_type` is "clip" or "clip_vision_model".
+Vision towers (`stage2.vision_tower`) live in stage2_llava.towers (`TOWER_SOURCES`, re-exported here as
+`VISION_TOWERS`, and the families CLIP, SigLIP, DINOv2 dispatched by config class); `load_vision_tower` loads
+a local HF directory spec.
 
 Language models (`stage2.language_model`): `LANGUAGE_MODELS` maps registered names to resolvers that
 return an `LMSource`; any other spec is a path: a `.gguf` file (transformers' GGUF loader, dequantised
@@ -25,27 +24,28 @@ from typing import Any
 
 import torch
 
-from pipeline.io import InputError, read_json, require_safetensors
+from pipeline.io import InputError, require_safetensors
 from stage2_llava.projectors import PROJECTORS, build_projector, projector_builder
+from stage2_llava.towers import TOWER_SOURCES, VisionTower, load_tower, parse_tower_spec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 __all__ = [
     "LANGUAGE_MODELS", "LM_LOADERS", "MODELS_ENV", "PROJECTORS", "VISION_TOWERS", "LanguageModel", "LMSource",
-    "VisionTower", "build_projector", "load_language_model", "load_vision_tower", "projector_builder",
-    "resolve_language_model", "resolve_vision_tower",
+    "VisionTower", "build_projector", "from_pretrained_complete", "load_language_model", "load_vision_tower",
+    "projector_builder", "resolve_language_model", "resolve_vision_tower",
 ]
 
 MODELS_ENV = "ITO_MLLM_MODELS"
-CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+VISION_TOWERS = TOWER_SOURCES
 
 
-def _from_pretrained(cls, path: Path, **kwargs):
+def from_pretrained_complete(cls, path: Path, **kwargs):
     """cls.from_pretrained without transformers' load report; a weight missing from the files is an error.
 
-    A CLIPModel directory has text-tower weights a CLIPVisionModel does not use ("unexpected": fine); a
-    missing weight would be silently random-initialised.
+    A CLIPModel/SiglipModel directory has text-tower weights a vision model does not use ("unexpected": fine);
+    a missing weight would be silently random-initialised.
     """
     from transformers.utils import logging as hf_logging
 
@@ -63,80 +63,17 @@ def _from_pretrained(cls, path: Path, **kwargs):
     return model
 
 
-# ---------------------------------------------------------------- vision towers
+# ---------------------------------------------------------------- vision towers (stage2_llava.towers)
 
 
-@dataclass
-class VisionTower:
-    model: Any  # transformers CLIPVisionModel
-    image_size: int
-    patch_size: int
-    image_mean: list[float]
-    image_std: list[float]
-    resample: Any  # PILImageResampling of the tower's own processor
-    source: str  # "hf_clip:/abs/path"
-
-
-def _processor_size(ip, path: Path) -> int:
-    box = ip.crop_size if getattr(ip, "do_center_crop", False) and ip.crop_size else ip.size
-    box = dict(box)
-    if "height" in box and box.get("height") == box.get("width"):
-        return int(box["height"])
-    if "shortest_edge" in box:
-        return int(box["shortest_edge"])
-    raise InputError(f"{path}/preprocessor_config.json: image size {box} is not square, expected a square tower input")
-
-
-def load_hf_clip(path: Path, *, dtype: torch.dtype = torch.float32) -> VisionTower:
-    """A CLIP vision tower and its normalisation from an HF CLIP directory."""
-    from transformers import AutoImageProcessor, CLIPVisionModel
-
-    if not (path / "preprocessor_config.json").is_file():
-        raise InputError(f"{path}: no preprocessor_config.json, expected the CLIP image processor the tower was "
-                         "trained with (its mean/std/size)")
-    model = _from_pretrained(CLIPVisionModel, path, dtype=dtype, use_safetensors=True)
-    ip = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-    cfg = model.config
-    size = _processor_size(ip, path)
-    if size != cfg.image_size:
-        raise InputError(f"{path}/preprocessor_config.json: image size {size} differs from the tower's "
-                         f"image_size {cfg.image_size}, expected them equal")
-    model.eval()
-    return VisionTower(
-        model=model, image_size=int(cfg.image_size), patch_size=int(cfg.patch_size),
-        image_mean=[float(x) for x in ip.image_mean], image_std=[float(x) for x in ip.image_std],
-        resample=ip.resample, source=f"hf_clip:{path.resolve()}",
-    )
-
-
-VISION_TOWERS: dict[str, Callable[..., VisionTower]] = {"hf_clip": load_hf_clip}
-
-
-def resolve_vision_tower(spec: str | os.PathLike) -> tuple[str, Path]:
-    """(kind, path) for a tower spec `KIND:PATH` or a CLIP directory PATH."""
-    text = str(spec)
-    if not text:
-        raise InputError("stage2.vision_tower: empty, expected an HF CLIP directory (or hf_clip:DIR)")
-    kind, sep, rest = text.partition(":")
-    if sep and kind in VISION_TOWERS:
-        path = Path(rest)
-    else:
-        kind, path = "", Path(text)
-    config = path / "config.json"
-    if not config.is_file():
-        raise InputError(f"stage2.vision_tower: {config} not found, expected an HF CLIP directory")
-    if not kind:
-        model_type = read_json(config).get("model_type")
-        if model_type not in CLIP_MODEL_TYPES:
-            raise InputError(f"{config}: model_type {model_type!r}, expected one of {CLIP_MODEL_TYPES} "
-                             f"(vision tower kinds: {sorted(VISION_TOWERS)})")
-        kind = "hf_clip"
-    return kind, path
+def resolve_vision_tower(spec: str | os.PathLike) -> tuple[str, Path | None]:
+    """(source kind, path) of a tower spec; see stage2_llava.towers.parse_tower_spec."""
+    parsed = parse_tower_spec(spec)
+    return parsed.kind, parsed.path
 
 
 def load_vision_tower(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> VisionTower:
-    kind, path = resolve_vision_tower(spec)
-    return VISION_TOWERS[kind](path, dtype=dtype)
+    return load_tower(spec, dtype=dtype)
 
 
 # ---------------------------------------------------------------- language models
@@ -183,7 +120,7 @@ def _load_hf_dir(path: Path, *, dtype: torch.dtype) -> tuple[Any, Any]:
     except (ValueError, KeyError) as e:
         raise InputError(f"{path}/config.json: not a config transformers knows without remote code ({e})") from None
     try:
-        model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype, use_safetensors=True)
+        model = from_pretrained_complete(AutoModelForCausalLM, path, dtype=dtype, use_safetensors=True)
     except OSError as e:
         raise InputError(f"{path}: cannot load safetensors weights ({e}), expected model*.safetensors") from None
     return model, _load_tokenizer(path)
