@@ -15,7 +15,6 @@ interactive: each input line is a turn; `/image PATH` starts a new conversation 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +126,12 @@ def _command(session: ChatSession, line: str, write: Callable[[str], Any]) -> bo
     return True
 
 
+def _print(text: str) -> None:
+    print(text, end="", flush=True)
+
+
 def interactive(session: ChatSession, sampling: Sampling, read: Callable[[str], str] = input,
-                write: Callable[[str], Any] = sys.stdout.write) -> int:
+                write: Callable[[str], Any] = _print) -> int:
     """Turns from `read` until /quit or end of input; returns the number of answers given."""
     write(f"{HELP}\n")
     answers = 0
@@ -145,6 +148,5 @@ def interactive(session: ChatSession, sampling: Sampling, read: Callable[[str], 
                 return answers
             continue
         write("ASSISTANT: ")
-        sys.stdout.flush()
         reply(session, line, sampling)
         answers += 1
