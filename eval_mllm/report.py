@@ -21,7 +21,7 @@ from .bootstrap import json_finite
 from .compare import Source, comparisons
 from .plots import plot_curves, plot_deltas, read_curve
 from .task_sets import TASK_SETS, info
-from .verdict import verdict
+from .verdict import count, verdict
 
 STAGE1_ROWS = [
     ("zero_shot_top1", "zero-shot top-1"),
@@ -221,12 +221,6 @@ def _stage1_section(report: dict) -> list[str]:
     return lines
 
 
-def _params(n) -> str:
-    if not isinstance(n, (int, float)):
-        return "—"
-    return next((f"{n / d:.1f}{u}" for u, d in (("B", 1e9), ("M", 1e6), ("k", 1e3)) if n >= d), str(int(n)))
-
-
 def _towers_section(report: dict) -> list[str]:
     """Which tower each arm used, its size and image-token count (they confound a comparison across towers)."""
     towers = report.get("towers") or {}
@@ -235,7 +229,7 @@ def _towers_section(report: dict) -> list[str]:
     lines = ["", "## Vision towers", "", "| arm | tower | family | parameters | input px | image tokens | feature layer | "
              "leading tokens kept |", "|---|---|---|---|---|---|---|---|"]
     for arm, t in towers.items():
-        lines.append(f"| {arm} | `{t.get('spec', '—')}` | {t.get('family', '—')} | {_params(t.get('params'))} | "
+        lines.append(f"| {arm} | `{t.get('spec', '—')}` | {t.get('family', '—')} | {count(t.get('params'))} | "
                      f"{t.get('image_size', '—')} | {t.get('image_tokens', '—')} | {t.get('feature_layer', '—')} | "
                      f"{t.get('leading_tokens_kept', '—')} |")
     return lines

@@ -101,14 +101,21 @@ def stage1_line(report: dict) -> str | None:
     return "**Stage 1.** " + "; ".join(parts) + tail + "." + policy
 
 
+def count(n) -> str:
+    """A parameter count as 86.2M / 1.3B / 67.2k."""
+    if not isinstance(n, (int, float)):
+        return "—"
+    return next((f"{n / d:.1f}{u}" for u, d in (("B", 1e9), ("M", 1e6), ("k", 1e3)) if n >= d), str(int(n)))
+
+
 def towers_line(report: dict) -> str | None:
     """Arms on towers of different size or image-token count compare more than their pretraining."""
     towers = report.get("towers") or {}
     differ = [key for key in ("family", "params", "image_tokens") if len({str(t.get(key)) for t in towers.values()}) > 1]
     if len(towers) < 2 or not differ:
         return None
-    parts = [f"{arm}: {t.get('family')}, {t.get('params', 0) / 1e6:.1f}M parameters, {t.get('image_tokens')} image "
-             "tokens" for arm, t in towers.items()]
+    parts = [f"{arm}: {t.get('family')}, {count(t.get('params'))} parameters, {t.get('image_tokens')} image tokens"
+             for arm, t in towers.items()]
     return ("**Towers differ** (" + ", ".join(differ).replace("params", "parameters").replace("_", " ") + "): "
             + "; ".join(parts) + ". Deltas between these arms mix the towers' size and token budget with their "
             "pretraining.")
