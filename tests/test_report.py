@@ -166,6 +166,8 @@ def test_report_from_two_arms(tmp_path):
     }
     arms["ito"]["umap_png"] = tmp_path / "ito" / "umap.png"
     (tmp_path / "ito" / "umap.png").write_bytes(PNG_MAGIC)
+    arms["ito"]["tower"] = {"spec": "/models/siglip", "family": "siglip", "params": 92_884_224, "image_size": 224,
+                            "image_tokens": 196, "feature_layer": -2, "leading_tokens_kept": 0}
     out = tmp_path / "report"
     rep = write_report(arms, out, n_resamples=200, seed=0)
 
@@ -197,6 +199,8 @@ def test_report_from_two_arms(tmp_path):
     assert f"| ito | {100 * (7 / 3) / 4:.2f} | — | 75.00 | 50.00 |" in md
     assert "| zero-shot top-1 | 0.2500 | 0.5000 |" in md
     assert "![ito UMAP](../ito/umap.png)" in md
+    assert rep["towers"] == {"ito": arms["ito"]["tower"]}
+    assert "| ito | `/models/siglip` | siglip | 92.9M | 224 | 196 | -2 | 0 |" in md
     for png in ("deltas.png", "curve_stage2_finetune.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
         assert f"]({png})" in md

@@ -47,3 +47,14 @@ def test_grey_messages_replace_images_only():
     assert grey["type"] == "image" and grey["url"].size == (40, 30) and grey["url"].getpixel((3, 3)) == GREY
     assert text == {"type": "text", "text": "Is there a red square?"}
     assert img.getpixel((3, 3)) == (255, 0, 0)  # the task's own image is untouched
+
+
+def test_towers_line_only_when_towers_differ():
+    same = {"family": "clip", "params": 86_200_000, "image_tokens": 196}
+    rep = _report({}, {})
+    rep["towers"] = {"clip": dict(same), "ito": dict(same)}
+    assert not any(p.startswith("**Towers differ**") for p in verdict(rep))
+    rep["towers"]["ito"] = {"family": "siglip", "params": 92_900_000, "image_tokens": 196}
+    line = next(p for p in verdict(rep) if p.startswith("**Towers differ**"))
+    assert line.startswith("**Towers differ** (family, parameters): clip: clip, 86.2M parameters, 196 image tokens; "
+                           "ito: siglip, 92.9M parameters")
