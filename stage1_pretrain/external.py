@@ -35,7 +35,7 @@ from pipeline.io import InputError, atomic_write_json, load_safetensors, read_js
 from pipeline.schema import ConfigError
 
 from . import models
-from .export import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, export_hf_clip
+from .export import EXPORT_CHECK, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, export_hf_clip
 
 ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")
 OPTIONAL_TENSORS = ("logit_bias",)  # SigLIP's bias: kept fresh when the checkpoint has none, dropped when unused
@@ -166,7 +166,10 @@ def convert_to_hf(source: str | os.PathLike, arch: str | None, cache_root: str |
         export_hf_clip(model, out)
     except ValueError as e:
         raise InputError(f"stage2.vision_tower: {ckpt.path}: {e}") from None
+    except OSError:  # another process (node) renamed its identical conversion into place first
+        if not (out / EXPORT_CHECK).is_file():
+            raise
     atomic_write_json(out / CONVERSION_FILE, {"source": str(ckpt.path.resolve()), "arch": arch,
                                               "weights_sha256": sha256_file(ckpt.weights),
-                                              "check": read_json(out / "export_check.json")})
+                                              "check": read_json(out / EXPORT_CHECK)})
     return out

@@ -59,6 +59,8 @@ class ChatSession:
 def load_chat_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, processor) of a LLaVA directory; a clear InputError for anything else."""
     path = Path(path)
+    if not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
+        path = path / "hf"  # a stage-2 phase directory
     config = path / "config.json"
     if not config.is_file():
         raise InputError(f"--model {path}: no config.json, expected a LLaVA model directory (ito-mllm stage2 "

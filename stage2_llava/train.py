@@ -210,7 +210,8 @@ def _init_model(phase: str, cfg, init_dir_or_sources, *, lm_cache_dir, demo_text
     if phase == "pretrain":
         tower, lm = init_dir_or_sources if init_dir_or_sources else (cfg.vision_tower, cfg.language_model)
         if not tower:
-            raise InputError("stage2.vision_tower is empty, expected an HF CLIP directory for the pretrain phase")
+            raise InputError("stage2.vision_tower is empty, expected a tower directory (stage2_llava.towers) for the "
+                             "pretrain phase")
         return build_llava(tower, lm, cfg.projector, cfg.vision_feature_layer,
                            model_max_length=cfg.model_max_length, dtype=torch.float32, cache_dir=lm_cache_dir,
                            demo_texts=demo_texts, seed=cfg.seed)
