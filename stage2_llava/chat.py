@@ -15,6 +15,7 @@ interactive: each input line is a turn; `/image PATH` starts a new conversation 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,15 @@ def _print(text: str) -> None:
     print(text, end="", flush=True)
 
 
-def interactive(session: ChatSession, sampling: Sampling, read: Callable[[str], str] = input,
+def read_turn(prompt: str) -> str:
+    """input(), echoing the line when it comes from a pipe or file (so a saved session reads as a transcript)."""
+    line = input(prompt)
+    if not sys.stdin.isatty():
+        print(line, flush=True)
+    return line
+
+
+def interactive(session: ChatSession, sampling: Sampling, read: Callable[[str], str] = read_turn,
                 write: Callable[[str], Any] = _print) -> int:
     """Turns from `read` until /quit or end of input; returns the number of answers given."""
     write(f"{HELP}\n")

@@ -26,19 +26,21 @@ import torch
 
 from pipeline.io import InputError, require_safetensors
 from stage2_llava.projectors import PROJECTORS, build_projector, projector_builder
-from stage2_llava.towers import TOWER_SOURCES, VisionTower, load_tower, parse_tower_spec
+from stage2_llava.towers import TOWER_SOURCES, VisionTower, load_hf_tower, load_tower, parse_tower_spec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 __all__ = [
     "LANGUAGE_MODELS", "LM_LOADERS", "MODELS_ENV", "PROJECTORS", "VISION_TOWERS", "LanguageModel", "LMSource",
-    "VisionTower", "build_projector", "from_pretrained_complete", "load_language_model", "load_vision_tower",
+    "VisionTower", "build_projector", "from_pretrained_complete", "load_hf_clip", "load_hf_tower", "load_language_model",
+    "load_vision_tower",
     "projector_builder", "resolve_language_model", "resolve_vision_tower",
 ]
 
 MODELS_ENV = "ITO_MLLM_MODELS"
 VISION_TOWERS = TOWER_SOURCES
+load_hf_clip = load_hf_tower  # its earlier name: any registered family now, CLIP included
 
 
 def from_pretrained_complete(cls, path: Path, **kwargs):
