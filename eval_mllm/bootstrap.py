@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import InputError
+from common.io import InputError
 
 MMBENCH_CIRCULAR = int(1e6)  # lmms-eval's MMBench: index >= 1e6 marks a circular variant of index % 1e6
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.schema import ConfigError, option
+from common.schema import ConfigError, option
 
 
 @dataclass
@@ -27,7 +27,7 @@ class EvalConfig:
                                        "documents over them and gathers the results on rank 0")
 
     def validate(self, prefix: str = "eval") -> None:
-        from pipeline.devices import DEVICE_PATTERN
+        from common.devices import DEVICE_PATTERN
 
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"{prefix}.device: {self.device!r} is not a device, expected auto, cpu, cuda or cuda:N")

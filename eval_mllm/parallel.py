@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.devices import TORCH_DTYPE_NAMES, process_device
+from common.devices import TORCH_DTYPE_NAMES, process_device
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def run_job(entry: Callable[[EvalJob], dict | None], job: EvalJob) -> dict:
     """`entry(job)` in this process (nproc 1) or in `job.nproc` torchrun processes; rank 0's result."""
     if job.nproc <= 1:
         return entry(job)
-    from pipeline import launch
+    from common import launch
 
     out = launch.run(entry, (job,), job.nproc)
     if out is None:

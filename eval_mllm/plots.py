@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.io import InputError
+from common.io import InputError
 
 
 def _pyplot():

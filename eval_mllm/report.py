@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from pipeline.io import InputError, atomic_write_json, atomic_write_text, read_json
+from common.io import InputError, atomic_write_json, atomic_write_text, read_json
 
 from .bootstrap import json_finite
 from .compare import Source, comparisons

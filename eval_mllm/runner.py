@@ -22,8 +22,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.devices import resolve as resolve_devices
-from pipeline.io import InputError, atomic_write_json, atomic_write_text, require_safetensors
+from common.devices import resolve as resolve_devices
+from common.io import InputError, atomic_write_json, atomic_write_text, require_safetensors
 
 from . import task_sets
 from .bootstrap import TaskStatistic, json_finite
@@ -266,7 +266,7 @@ def run_lmms_eval(
     `textvqa_ocr` runs textvqa_val with LLaVA-1.5's OCR-token prompt (eval.textvqa_ocr).
     `blind` replaces every image by a uniform grey one of the same size (eval_mllm.blind): the
     language-prior floor of the same model, scored by the same task code.
-    device/precision: `auto` or explicit (pipeline.devices); nproc: data-parallel processes (eval_mllm.parallel).
+    device/precision: `auto` or explicit (common.devices); nproc: data-parallel processes (eval_mllm.parallel).
     """
     force_offline()
     model_dir = Path(model_dir).resolve()

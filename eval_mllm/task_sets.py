@@ -26,7 +26,7 @@ Metric choices (checked against lmms-eval 0.7.3's task YAMLs):
 
 Offline availability: `datasets` 5.2 loads a hub dataset offline only from its prepared Arrow
 cache (`<cache>/<ns>___<name>/<config>/<version>/<hash>/dataset_info.json`); a hub snapshot of
-parquet files is not read (see pipeline.world.paper13). `check_task_available` checks exactly that.
+parquet files is not read (see demo_world.paper13). `check_task_available` checks exactly that.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io import InputError, atomic_write_text
+from common.io import InputError, atomic_write_text
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 

@@ -4,7 +4,7 @@ Each step has a key: the hash of its own config section plus its upstream step's
 change anywhere reruns that step and everything after it. A rerun of the chain skips steps
 that are `done` with the same key and outputs on disk, resumes a step left `running` (the
 stages resume from their own checkpoints), and wipes a step's directory when its key changed.
-Stages are called through Python APIs; multi-process stages start through `pipeline.launch`.
+Stages are called through Python APIs; multi-process stages start through `common.launch`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import faults
+from common import faults
+from common.io import InputError, read_json, sweep_partial_writes
+from common.schema import to_dict
 from pipeline.config import RunConfig, arm_config, config_hash, dump_yaml
-from pipeline.io import InputError, read_json, sweep_partial_writes
 from pipeline.rundir import RunDir
-from pipeline.schema import to_dict
 
 
 def log(msg: str) -> None:
@@ -32,7 +32,7 @@ def log(msg: str) -> None:
 
 def generate_data(cfg: RunConfig, rd: RunDir | None, out: Path) -> dict:
     """Generate the demo world into `out` (recorded as the run's data step when `rd` is given); its manifest."""
-    from pipeline import world
+    import demo_world as world
 
     if rd is not None:
         rd.mark_running("data", step_keys(cfg)["data"], {"size": cfg.data.size, "seed": cfg.data.seed})
@@ -75,8 +75,8 @@ def stage1_dirs(rd: RunDir) -> dict[str, Path]:
 
 
 def run_stage1_train(cfg: RunConfig, rd: RunDir, nodes=None) -> dict[str, Path]:
-    """Stage-1 training in cfg.stage1.nproc processes (per node: `nodes`, a pipeline.launch.Nodes)."""
-    from pipeline import launch
+    """Stage-1 training in cfg.stage1.nproc processes (per node: `nodes`, a common.launch.Nodes)."""
+    from common import launch
     from stage1_pretrain.train import train
 
     train_data, eval_data = stage1_sources(cfg, rd)
@@ -154,8 +154,8 @@ def demo_lm_texts(cfg: RunConfig, rd: RunDir) -> list[str] | None:
 
 def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path | None = None,
                      nodes=None) -> dict[str, Path]:
-    """One stage-2 phase in cfg.stage2.nproc processes (per node: `nodes`, a pipeline.launch.Nodes)."""
-    from pipeline import launch
+    """One stage-2 phase in cfg.stage2.nproc processes (per node: `nodes`, a common.launch.Nodes)."""
+    from common import launch
 
     data_json, image_folder = stage2_sources(cfg, rd, phase)
     out_dir = rd.path / f"stage2_{phase}"

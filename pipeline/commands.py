@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from common.schema import ConfigError, describe
 from pipeline import chain
 from pipeline.config import RunConfig, dump_yaml, load_config
 from pipeline.rundir import RunDir
-from pipeline.schema import ConfigError, describe
 
 
 def resolve(args, extra: list[str] | None = None, save: bool = True) -> tuple[RunConfig, RunDir | None]:
@@ -50,7 +50,7 @@ def data_demo(args) -> int:
 
 
 def data_paper13_fixtures(args) -> int:
-    from pipeline.world.paper13 import summary_lines, write_paper13_fixtures
+    from demo_world.paper13 import summary_lines, write_paper13_fixtures
 
     t0 = time.perf_counter()
     manifest = write_paper13_fixtures(args.out, seed=args.seed)
@@ -61,8 +61,8 @@ def data_paper13_fixtures(args) -> int:
 
 
 def _nodes(args, stage: str) -> tuple[list[str], object]:
-    """Overrides and pipeline.launch.Nodes from --nnodes/--node-rank/--master-addr/--master-port."""
-    from pipeline.launch import Nodes
+    """Overrides and common.launch.Nodes from --nnodes/--node-rank/--master-addr/--master-port."""
+    from common.launch import Nodes
 
     nodes = Nodes(args.nnodes or 1, args.node_rank, args.master_addr, args.master_port)
     if nodes.nnodes > 1 and args.run_dir is None:
@@ -128,7 +128,7 @@ def evaluate(args) -> int:
 
 
 def _print_results(path: Path) -> None:
-    from pipeline.io import read_json
+    from common.io import read_json
 
     res = read_json(path)
     table = Path(path).with_name("table.md")
@@ -168,7 +168,7 @@ def demo(args) -> int:
 
 
 def plan(args) -> int:
-    from pipeline.io import atomic_write_json
+    from common.io import atomic_write_json
     from pipeline.plan import make_plan, render
 
     cfg, _ = resolve(args, save=False)  # a plan writes no config: the run that follows may still change it

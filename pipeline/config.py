@@ -2,7 +2,7 @@
 
 Resolution order (later wins): dataclass defaults < preset chain (`base:` keys) < the
 user's YAML < `KEY=VALUE` overrides. The result is validated key by key (see
-`pipeline.schema`) and saved into the run directory as `config.yaml`.
+`common.schema`) and saved into the run directory as `config.yaml`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
+from common.schema import ConfigError, build, option, to_dict
 from eval_mllm.config import EvalConfig
 from pipeline.costs import PlanConfig
-from pipeline.schema import ConfigError, build, option, to_dict
 from stage1_pretrain.config import Stage1Config
 from stage2_llava.config import Stage2Config
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from pipeline.schema import option
+from common.schema import option
 
 GB = 1e9
 

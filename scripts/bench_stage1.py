@@ -61,11 +61,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import matmul_flops_per_s
-
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project importable
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # run as a script or loaded from a file: the project and benchlib
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchlib import matmul_flops_per_s  # noqa: E402
 
 OURS = ("clip", "ito", "ito_sub2", "siglip", "slip", "flair")
 # The paper's training overhead relative to CLIP (Appendix J: CC3M, same backbone and batch, GPU):
@@ -530,7 +531,7 @@ def main(argv=None) -> dict:
         worker_main(argv[1])
         return {}
     args = parse_args(argv)
-    from pipeline.io import atomic_write_json
+    from common.io import atomic_write_json
 
     t_start, load_start = time.perf_counter(), list(os.getloadavg())
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.grad_checkpointing]

@@ -42,11 +42,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import matmul_flops_per_s
-
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project importable
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # run as a script or loaded from a file: the project and benchlib
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchlib import matmul_flops_per_s  # noqa: E402
 
 MODES = ("no_cache", "cache_cold", "cache_warm")
 WORDS = ["red", "green", "blue", "yellow", "small", "large", "circle", "square", "on", "a", "gray", "background",

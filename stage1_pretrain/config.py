@@ -1,4 +1,4 @@
-"""Stage-1 (dual-encoder pretraining) configuration: one dataclass, validated by pipeline.schema.
+"""Stage-1 (dual-encoder pretraining) configuration: one dataclass, validated by common.schema.
 
 Fields left as `None` take the method's default from the method registry (for example
 `ito` uses 2 image views, 1 text view, fusion weight 2).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.schema import ConfigError, option
+from common.schema import ConfigError, option
 
 
 @dataclass

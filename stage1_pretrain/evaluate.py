@@ -28,8 +28,8 @@ from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
 from open_clip import SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.images import ImageDecodeError, decode_image
-from pipeline.io import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, path_escape, read_json
+from common.images import ImageDecodeError, decode_image
+from common.io import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, path_escape, read_json
 from stage1_pretrain.metrics import (
     linear_probe,
     linear_probe_adamw,
@@ -257,7 +257,7 @@ def _param_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _load_image(path: Path, where: str) -> Image.Image:
-    """Decoded as stage-1 training decodes (pipeline.images: alpha over white, 16-bit rescaled, size limit)."""
+    """Decoded as stage-1 training decodes (common.images: alpha over white, 16-bit rescaled, size limit)."""
     try:
         return decode_image(path)
     except (OSError, ImageDecodeError) as e:

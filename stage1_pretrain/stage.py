@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io import InputError, load_safetensors
+from common.io import InputError, load_safetensors
 
 from . import export as _export
 from . import models

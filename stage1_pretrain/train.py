@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
-from pipeline.disk import require_free, tensor_bytes, tree_bytes
-from pipeline.faults import failpoint
-from pipeline.io import RunStopped, atomic_write_json, save_safetensors
-from pipeline.metrics_log import MetricLogger
+from common.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+from common.disk import require_free, tensor_bytes, tree_bytes
+from common.faults import failpoint
+from common.io import RunStopped, atomic_write_json, save_safetensors
+from common.metrics_log import MetricLogger
 
 from .data import DataCounters, build_train_loader
 from .streaming import gather_positions, rank_positions, track

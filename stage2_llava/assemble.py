@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.io import InputError, atomic_write_json, read_json, require_safetensors, staged_dir
+from common.io import InputError, atomic_write_json, read_json, require_safetensors, staged_dir
 from stage2_llava.conversation import DEFAULT_IMAGE_TOKEN, get_template
 from stage2_llava.preprocess import IGNORE_INDEX, prepare_tokenizer
 from stage2_llava.projectors import DEFAULT_PROJECTOR, build_projector, is_native, projector_builder

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.schema import ConfigError, option
+from common.schema import ConfigError, option
 
 
 @dataclass

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.io import InputError, atomic_write_json, staged_dir
+from common.io import InputError, atomic_write_json, staged_dir
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline.io import InputError, read_json, require_safetensors
+from common.io import InputError, read_json, require_safetensors
 from stage2_llava.projectors import PROJECTORS, build_projector, projector_builder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -41,11 +41,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
-from pipeline.disk import require_free, tensor_bytes, tree_bytes
-from pipeline.faults import failpoint
-from pipeline.io import InputError, RunStopped, atomic_write_json, load_safetensors, seed_everything
-from pipeline.metrics_log import MetricLogger
+from common.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+from common.disk import require_free, tensor_bytes, tree_bytes
+from common.faults import failpoint
+from common.io import InputError, RunStopped, atomic_write_json, load_safetensors, seed_everything
+from common.metrics_log import MetricLogger
 from stage2_llava import ds_state
 from stage2_llava.assemble import build_llava, load_llava, num_image_tokens, save_llava, set_trainable, supervised_loss
 from stage2_llava.conversation import get_template

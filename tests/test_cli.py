@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
+from common.io import InputError
 from pipeline.cli import EXIT_CONFIG, EXIT_INPUT, main
-from pipeline.io import InputError
 from pipeline.rundir import RunDir
 
 SUBCOMMANDS = [

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.io import InputError
 from eval_mllm.task_sets import (
     LOCAL_TASKS,
     TASK_INFO,
@@ -24,7 +25,6 @@ from eval_mllm.task_sets import (
     lmms_task_name,
     materialise_tasks,
 )
-from pipeline.io import InputError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -231,7 +231,7 @@ def test_expand_tasks():
 def test_check_task_available(tmp_path, monkeypatch, default_manager):
     import huggingface_hub.constants as hub
 
-    from pipeline.world.paper13 import spec_for, write_spec
+    from demo_world.paper13 import spec_for, write_spec
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))

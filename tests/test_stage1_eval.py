@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from bad_images import bomb_png
 from PIL import Image
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage1_pretrain.evaluate import (
     build_zero_shot_classifier,
     encode,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import kill_after_checkpoint
 
-from pipeline.checkpoint import latest_checkpoint
+from common.checkpoint import latest_checkpoint
+from common.io import load_safetensors
 from pipeline.config import load_config
-from pipeline.io import load_safetensors
 from stage1_pretrain import train as train_mod
 from stage1_pretrain.train import NonFiniteLoss, cosine_lr, train
 
@@ -118,7 +118,7 @@ def test_two_processes_equal_one_process(csv_data, tmp_path, method):
     is the 1-process one in another order: SLIP's global-batch BN and FLAIR's content-chosen negatives
     must not depend on the order. Equal losses after the first step also mean equal gradients.
     """
-    from pipeline.launch import run
+    from common.launch import run
 
     cfg = _cfg(f"stage1.method={method}", "stage1.checkpoint_every_steps=100")
     losses = {}

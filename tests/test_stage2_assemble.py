@@ -11,7 +11,7 @@ import torch
 from conftest import smollm2_gguf as _smollm2_gguf
 from PIL import Image
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava.assemble import (
     build_llava,
     load_llava,

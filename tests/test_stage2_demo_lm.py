@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava import demo_lm
 from stage2_llava.demo_lm import build_demo_lm, demo_lm_dir, ensure_demo_lm, token_stream
 from stage2_llava.registry import load_language_model

@@ -14,8 +14,8 @@ import pytest
 import torch
 from test_stage2_train import BASE, ROOT, pretrained, world  # noqa: F401 (fixtures)
 
-from pipeline.checkpoint import latest_checkpoint
-from pipeline.io import load_safetensors
+from common.checkpoint import latest_checkpoint
+from common.io import load_safetensors
 from stage2_llava import ds_state
 
 STEPS, KILL_AT = 6, 4

@@ -18,10 +18,10 @@ import torch
 from conftest import kill_after_checkpoint
 from test_stage2_data import write_llava_data
 
-from pipeline.checkpoint import latest_checkpoint
+from common.checkpoint import latest_checkpoint
+from common.io import load_safetensors
+from common.metrics_log import read_jsonl
 from pipeline.config import load_config
-from pipeline.io import load_safetensors
-from pipeline.metrics_log import read_jsonl
 from stage2_llava import train as train_mod
 from stage2_llava.train import NonFiniteLoss, batch_plan, deepspeed_config, lr_factor, run_phase
 
@@ -208,7 +208,7 @@ def _ddp_worker(world, out, over):
 
 
 def test_two_process_ddp_equals_one_process(world, pretrained, tmp_path):
-    from pipeline.launch import run
+    from common.launch import run
 
     one = _ddp_worker(world, tmp_path / "one", [])
     two = run(_ddp_worker, (world, tmp_path / "two", []), 2)

@@ -1,7 +1,7 @@
-"""Small helpers every stage shares: atomic writes, safetensors/JSON save and load, seeding.
+"""Small helpers every stage shares: atomic writes, safetensors/JSON save and load.
 
-Stages import this module and the other stage-free helpers of `pipeline` (schema, checkpoint,
-metrics_log, disk, faults, images); none of those may import a stage package.
+Part of `common`, the ground floor: stage-free helpers that import none of the other packages
+(ARCHITECTURE.md; tests/test_layout.py checks it from the import graph).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.faults import failpoint
+from common.faults import failpoint
 
 
 class InputError(ValueError):
