@@ -1,17 +1,27 @@
-"""Typed-config machinery: declare fields with ranges/choices, build dataclasses from dicts.
+"""Typed config sections on pydantic v2, with the project's own one-line errors.
 
-Stage packages declare their config dataclasses with `option(...)`; `pipeline.config`
-composes them into the run config. Every validation failure raises `ConfigError` with one
-line that names the dotted key and what is allowed.
+A stage declares its config as a `Section` (a pydantic model) whose fields come from `option(...)`:
+default, help, range (`min`/`max`, pydantic's `ge`/`le`) and `choices` (a tuple, or a callable so that a
+registry filled at import time is consulted when the config is validated). The roof (`pipeline.config`)
+composes the sections into the run config and builds it with `build`.
+
+What pydantic does: types (strict: no "3" for an int, no 2.0 for an int, no "yes" for a bool; an int is
+accepted for a float and stored as one), ranges, unknown keys (`extra="forbid"`), defaults, dumping.
+What is ours: numbers accepted where a string is expected (`name=5`), a comma-separated string accepted
+for a list (`eval.tasks=pope,gqa`), a partial nested section starting from that field's own default
+(the finetune phase's defaults survive a YAML that sets one finetune key), the cross-field checks
+(`Section.check(prefix)`, run after the whole tree is built, children first), and the error text:
+every failure is a `ConfigError` with one line that names the dotted key and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -19,7 +29,7 @@ class ConfigError(ValueError):
 
 
 def option(
-    default: Any = dataclasses.MISSING,
+    default: Any = ...,
     *,
     help: str = "",
     min: float | None = None,
@@ -27,24 +37,90 @@ def option(
     choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
-    """A dataclass field carrying validation metadata.
-
-    `choices` may be a callable so that a registry filled at import time (stage-1 methods,
-    projectors, task sets) is consulted when the config is validated, not when declared.
-    """
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
-    if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    if isinstance(default, (list, dict, set)):
+    """A config field: default (or default_factory), help text, range and allowed values."""
+    extra = {"choices": choices} if choices is not None else None
+    if default_factory is None and isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: _copy(value), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+        default_factory = lambda: _copy(value)  # noqa: E731
+    if default_factory is not None:
+        return Field(default_factory=default_factory, description=help, ge=min, le=max, json_schema_extra=extra)
+    return Field(default, description=help, ge=min, le=max, json_schema_extra=extra)
 
 
 def _copy(v: Any) -> Any:
     import copy
 
     return copy.deepcopy(v)
+
+
+def _choices(field) -> list | None:
+    extra = field.json_schema_extra
+    choices = extra.get("choices") if isinstance(extra, dict) else None
+    if choices is None:
+        return None
+    return list(choices() if callable(choices) else choices)
+
+
+def _args(tp: Any) -> tuple:
+    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Section)
+
+
+class Section(BaseModel):
+    """Base of every config section (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_from_field_defaults(cls, data: Any) -> Any:
+        """A partial nested section is laid over that field's own default (e.g. the finetune phase's)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            if _is_section(field.annotation) and field.default_factory is not None:
+                given = data.get(name)
+                if given is None:
+                    data.pop(name, None)
+                elif isinstance(given, dict):
+                    data[name] = {**field.default_factory().model_dump(), **given}
+        return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _command_line_forms(cls, value: Any, info: ValidationInfo) -> Any:
+        args = _args(cls.model_fields[info.field_name].annotation)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and str in args:
+            return str(value)
+        lists = [a for a in args if typing.get_origin(a) in (list, tuple)]
+        if lists and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if lists and isinstance(value, list) and str in typing.get_args(lists[0]):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+        if isinstance(value, dict) and any(typing.get_origin(a) is dict for a in args):
+            return {str(k): v for k, v in value.items()}
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _in_choices(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed = _choices(cls.model_fields[info.field_name])
+        if allowed is not None and value is not None:
+            for v in value if isinstance(value, list) else [value]:
+                if v not in allowed:
+                    raise ValueError(f"{v!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+
+    def check(self, prefix: str) -> None:
+        """Cross-field checks of this section (raise ConfigError naming `prefix.key`); none by default."""
+
+
+# ---------------------------------------------------------------------------------------------- errors
 
 
 def _type_name(tp: Any) -> str:
@@ -56,137 +132,86 @@ def _type_name(tp: Any) -> str:
     if origin in (list, tuple):
         args = typing.get_args(tp)
         return f"list of {_type_name(args[0])}" if args else "list"
-    if origin is dict:
+    if origin is dict or _is_section(tp):
         return "mapping"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against annotation `tp`, converting lossless cases (int -> float)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            # `eval.tasks=pope,gqa` on the command line.
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        (arg,) = typing.get_args(tp)[:1] or (Any,)
-        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        _, vt = typing.get_args(tp) or (str, Any)
-        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp!r}")
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _check_meta(value: Any, meta: dict, key: str) -> None:
-    if value is None:
-        return
-    lo, hi = meta.get("min"), meta.get("max")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and value < lo:
-            raise ConfigError(f"{key}: must be >= {lo}, got {value!r}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{key}: must be <= {hi}, got {value!r}")
-    choices = meta.get("choices")
-    if choices is not None:
-        allowed = list(choices() if callable(choices) else choices)
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if v not in allowed:
-                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, allowed))}")
+def _walk(cls: type, loc: tuple) -> tuple[type | None, Any]:
+    """(section holding the last key of `loc`, that key's annotation); the annotation is None for an unknown
+    key or a position inside a plain value (a list item, a mapping key)."""
+    owner, tp = None, cls
+    for part in loc:
+        section = next((a for a in _args(tp) if _is_section(a)), None)
+        if section is None or part not in section.model_fields:
+            return section, None
+        owner, tp = section, section.model_fields[part].annotation
+    return owner, tp
 
 
-def build(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a (possibly partial) mapping, validating every key."""
-    name = prefix or cls.__name__
+def _key(prefix: str, loc: tuple) -> str:
+    out = prefix
+    for part in loc:
+        out = f"{out}[{part}]" if isinstance(part, int) else (f"{out}.{part}" if out else str(part))
+    return out
+
+
+def _message(cls: type, err: dict, prefix: str) -> str:
+    loc, value, kind = tuple(err["loc"]), err.get("input"), err["type"]
+    key = _key(prefix, loc)
+    owner, tp = _walk(cls, loc) if loc else (None, cls)
+    if kind == "extra_forbidden":
+        while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key the user wrote
+            (sub, value), = value.items()
+            key = f"{key}.{sub}"
+        where = _key(prefix, loc[:-1]) or "top level"
+        return f"{key}: unknown key (allowed at {where}: {', '.join(owner.model_fields)})"
+    if kind == "value_error":
+        return f"{key}: {err['ctx']['error']}"
+    if kind == "greater_than_equal":
+        return f"{key}: must be >= {err['ctx']['ge']}, got {value!r}"
+    if kind == "less_than_equal":
+        return f"{key}: must be <= {err['ctx']['le']}, got {value!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key}: expected a mapping, got {value!r}"
+    if tp is not None and tp in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[tp]}, got {value!r}"
+    if tp is not None:
+        return f"{key}: expected {_type_name(tp)}, got {value!r}"
+    return f"{key}: {err['msg']}, got {value!r}"
+
+
+def _check_tree(obj: Section, prefix: str) -> None:
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        if isinstance(value, Section):
+            _check_tree(value, f"{prefix}.{name}" if prefix else name)
+    obj.check(prefix)
+
+
+def build(cls: type[Section], data: Any, prefix: str = "") -> Any:
+    """Build section `cls` from a (possibly partial) mapping; any failure is a one-line ConfigError."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{name}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in data.items():
-        if k not in fields:
-            full = f"{prefix}.{k}" if prefix else str(k)
-            # Name the whole dotted key the user wrote (`nonsense.key`), not just its first part.
-            while isinstance(v, dict) and len(v) == 1:
-                (sub, v), = v.items()
-                full = f"{full}.{sub}"
-            raise ConfigError(f"{full}: unknown key (allowed at {prefix or 'top level'}: {', '.join(fields)})")
-    kwargs = {}
-    for fname, f in fields.items():
-        full = f"{prefix}.{fname}" if prefix else fname
-        tp = hints[fname]
-        if dataclasses.is_dataclass(tp) and f.default_factory is not dataclasses.MISSING:
-            # Start nested sections from their factory default (e.g. the finetune phase's own
-            # defaults), so a partial YAML section only changes the keys it names.
-            base = to_dict(f.default_factory())
-            value = build(tp, {**base, **(data.get(fname) or {})} if isinstance(data.get(fname, {}), dict)
-                          else data[fname], full)
-        elif fname in data:
-            value = _coerce(data[fname], tp, full)
-        else:
-            continue
-        _check_meta(value, f.metadata, full)
-        kwargs[fname] = value
-    obj = cls(**kwargs)
-    for fname, f in fields.items():
-        if fname not in kwargs:
-            _check_meta(getattr(obj, fname), f.metadata, f"{prefix}.{fname}" if prefix else fname)
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        check(prefix)
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    try:
+        obj = cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_message(cls, e.errors()[0], prefix)) from None
+    _check_tree(obj, prefix)
     return obj
 
 
 def to_dict(obj: Any) -> Any:
     """Plain-data view of a config (for YAML/JSON and hashing)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, BaseModel):
+        return obj.model_dump()
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -194,16 +219,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, help) rows for `--help` output and docs."""
+def describe(cls: type[Section], prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) rows for `ito-mllm config keys`."""
     rows = []
-    hints = typing.get_type_hints(cls)
     default_obj = cls()
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key))
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if _is_section(field.annotation):
+            rows.extend(describe(field.annotation, key))
         else:
-            rows.append((key, _type_name(tp), getattr(default_obj, f.name), f.metadata.get("help", "")))
+            rows.append((key, _type_name(field.annotation), getattr(default_obj, name), field.description or ""))
     return rows

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from common.schema import ConfigError, option
+from common.schema import ConfigError, Section, option
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     tasks: list[str] = option(["demo"], help="task names or task sets (paper13, demo); comma-separated on the CLI")
     limit: int | None = option(None, min=1, help="evaluate at most this many samples per task")
     batch_size: int = option(1, min=1)
@@ -26,7 +23,7 @@ class EvalConfig:
     nproc: int = option(1, min=1, help="data-parallel processes (one GPU each); lmms-eval shards every task's "
                                        "documents over them and gathers the results on rank 0")
 
-    def validate(self, prefix: str = "eval") -> None:
+    def check(self, prefix: str = "eval") -> None:
         from common.devices import DEVICE_PATTERN
 
         if not DEVICE_PATTERN.fullmatch(self.device):

@@ -1,6 +1,6 @@
 """The run config: stage configs composed into one tree, loaded from presets, YAML and overrides.
 
-Resolution order (later wins): dataclass defaults < preset chain (`base:` keys) < the
+Resolution order (later wins): the sections' defaults < preset chain (`base:` keys) < the
 user's YAML < `KEY=VALUE` overrides. The result is validated key by key (see
 `common.schema`) and saved into the run directory as `config.yaml`.
 """
@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from common.schema import ConfigError, build, option, to_dict
+from common.schema import ConfigError, Section, build, option, to_dict
 from eval_mllm.config import EvalConfig
 from pipeline.costs import PlanConfig
 from stage1_pretrain.config import Stage1Config
@@ -26,8 +25,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     size: str = option("demo", choices=("tiny", "demo"), help="demo-world size")
     seed: int = option(0, min=0, help="demo-world seed")
     image_size: int = option(64, min=16, max=1024, help="rendered image side in pixels")
@@ -38,14 +36,13 @@ def _default_arms() -> dict[str, dict[str, Any]]:
     return {"clip": {"stage1.method": "clip"}, "ito": {"stage1.method": "ito"}}
 
 
-@dataclass
-class ABConfig:
-    arms: dict[str, dict[str, Any]] = field(default_factory=_default_arms)
+class ABConfig(Section):
+    arms: dict[str, dict[str, Any]] = option(default_factory=_default_arms)
     baseline: str = option("", help="the arm the A/B deltas are taken against (empty: the first arm)")
     control: str = option("", help="an untrained-tower arm (stage1.epochs=0) the report checks sensitivity against "
                                    "(empty: none)")
 
-    def validate(self, prefix: str = "ab") -> None:
+    def check(self, prefix: str = "ab") -> None:
         if len(self.arms) < 2:
             raise ConfigError(f"{prefix}.arms: an A/B run needs at least 2 arms, got {len(self.arms)}")
         for name, overrides in self.arms.items():
@@ -63,16 +60,15 @@ class ABConfig:
                 raise ConfigError(f"{prefix}.{role}: {name!r} is not one of the arms ({', '.join(self.arms)})")
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     name: str = option("run", help="a label for the run")
     preset: str = option("", help="the preset this config was resolved from (informational)")
-    data: DataConfig = field(default_factory=DataConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    ab: ABConfig = field(default_factory=ABConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)  # `ito-mllm plan` only: no step's key depends on it
+    data: DataConfig = option(default_factory=DataConfig)
+    stage1: Stage1Config = option(default_factory=Stage1Config)
+    stage2: Stage2Config = option(default_factory=Stage2Config)
+    eval: EvalConfig = option(default_factory=EvalConfig)
+    ab: ABConfig = option(default_factory=ABConfig)
+    plan: PlanConfig = option(default_factory=PlanConfig)  # `ito-mllm plan` only: no step's key depends on it
 
 
 def preset_names() -> list[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from common import disk
 from common.disk import DiskSpaceError, require_free, tree_bytes
-from pipeline import disk
 from pipeline.cli import main
 from stage2_llava.train import TOKENIZER_FILES_BYTES
 

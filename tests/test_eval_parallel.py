@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_eval_tasks import _image, _pope_question, write_demo_eval, write_tiny_llava
 
+from common import devices
 from common.io import InputError
 from common.schema import ConfigError
 from eval_mllm.parallel import EvalJob, merge_records
-from pipeline import devices
 from pipeline.config import load_config
 
 

@@ -74,7 +74,7 @@ def test_deepspeed_kill_and_resume_restores_weights_masters_and_moments(world, p
 
 def test_checkpoint_keeps_and_restores_gpu_rng_states(tmp_path, monkeypatch):
     """With CUDA (patched in), every visible GPU's generator state is saved and set back."""
-    from pipeline import checkpoint as ck
+    from common import checkpoint as ck
 
     states = {0: torch.arange(8, dtype=torch.uint8), 1: torch.arange(8, 16, dtype=torch.uint8)}
     restored = {}
