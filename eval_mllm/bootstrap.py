@@ -51,17 +51,6 @@ def load_samples(path: str | Path) -> list[dict]:
     return out
 
 
-def json_finite(obj):
-    """NaN/inf (a statistic of an empty set) to None: JSON has no such numbers."""
-    if isinstance(obj, dict):
-        return {k: json_finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [json_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def import_dotted(path: str) -> Callable:
     module, _, name = path.rpartition(".")
     try:

@@ -8,7 +8,6 @@ from common.schema import ConfigError, Section, option
 class EvalConfig(Section):
     tasks: list[str] = option(["demo"], help="task names or task sets (paper13, demo); comma-separated on the CLI")
     limit: int | None = option(None, min=1, help="evaluate at most this many samples per task")
-    batch_size: int = option(1, min=1)
     max_new_tokens: int | None = option(None, min=1, help="generation length for every task; null: each task's own "
                                                           "generation_kwargs (lmms-eval's YAML)")
     bootstrap_samples: int = option(1000, min=10, help="paired bootstrap resamples for A/B confidence intervals")

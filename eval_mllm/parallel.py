@@ -35,7 +35,6 @@ class EvalJob:
     precision: str  # resolved: fp32, bf16 or fp16
     nproc: int
     limit: int | None
-    batch_size: int
     max_new_tokens: int | None
     seed: int
     blind: bool = False  # every image replaced by a grey one (eval_mllm.blind)

@@ -23,6 +23,9 @@ from stage2_llava.config import Stage2Config
 
 PRESET_DIR = Path(__file__).parent / "presets"
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# Keys that were removed: (section, key) -> (the only value they ever accepted, why they went). The config.yaml
+# of an older run directory may still hold them; that value is dropped, any other is a one-line error.
+RETIRED = {("eval", "batch_size"): (1, "lmms-eval's llava_hf generates one request at a time")}
 
 
 class DataConfig(Section):
@@ -157,16 +160,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _drop_retired(data: dict) -> dict:
+    for (section, key), (only, why) in RETIRED.items():
+        values = data.get(section)
+        if isinstance(values, dict) and key in values:
+            if values[key] != only:
+                raise ConfigError(f"{section}.{key}: removed ({why}); got {values[key]!r}")
+            values = dict(values)
+            values.pop(key)
+            data = {**data, section: values}
+    return data
+
+
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Resolve a preset or YAML file plus dotted overrides into a validated RunConfig."""
     data, preset = _load_layer(config or "demo")
     data = apply_overrides(data, list(overrides))
     data.setdefault("preset", preset)
-    return build(RunConfig, data)
+    return from_dict(data)
 
 
 def from_dict(data: dict) -> RunConfig:
-    return build(RunConfig, data)
+    return build(RunConfig, _drop_retired(data))
 
 
 def dump_yaml(cfg: Any) -> str:

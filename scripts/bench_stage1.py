@@ -217,11 +217,12 @@ def _method_info(task, method) -> dict:
 
 def _run_ours(spec: dict) -> dict:
     import torch
+    from open_clip_train.scheduler import cosine_lr
 
     from pipeline.config import load_config
     from stage1_pretrain.data import DataCounters
     from stage1_pretrain.task import build_task
-    from stage1_pretrain.train import _autocast, _loader, cosine_lr, train_step
+    from stage1_pretrain.train import _autocast, _loader, train_step
 
     cfg = load_config("demo", [
         f"stage1.method={spec['config']}", f"stage1.model={spec['model']}", f"stage1.batch_size={spec['batch']}",
@@ -238,6 +239,7 @@ def _run_ours(spec: dict) -> dict:
     )
     autocast = _autocast(cfg.precision, torch.device("cpu"))
     n = spec["warmup"] + spec["steps"]
+    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, n + spec["e2e_steps"])  # the training loop's
 
     def loaders(epoch: int):
         while True:  # small data: go on into the next epoch
@@ -245,8 +247,7 @@ def _run_ours(spec: dict) -> dict:
             epoch += 1
 
     def step(i: int, batch: dict) -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(i, cfg.lr, cfg.warmup_steps, n + spec["e2e_steps"])
+        schedule(i)
         train_step(task, optimizer, batch["images"], batch["texts"], cfg.accum_steps, autocast)
         task.clamp_logit_scales()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -115,22 +114,19 @@ def build_llava(
     *,
     model_max_length: int,
     dtype: torch.dtype = torch.float32,
-    cache_dir: str | os.PathLike | None = None,
-    demo_texts: Sequence[str] | None = None,
     seed: int = 0,
 ):
     """(LlavaForConditionalGeneration, LlavaProcessor) from a tower spec, an LM spec and a projector name.
 
-    cache_dir/demo_texts: needed only for the demo LMs (registry.LANGUAGE_MODELS). seed: projector init
-    (and the demo LM's training). The model is returned in eval mode with every parameter trainable; call
-    set_trainable for a phase.
+    seed: the projector's initialisation. The model is returned in eval mode with every parameter trainable;
+    call set_trainable for a phase.
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     projector_builder(projector)  # fail on a bad name before loading anything
     tower = load_vision_tower(vision_tower, dtype=dtype)
     _check_feature_layer(vision_feature_layer, tower.model.config.num_hidden_layers)
-    lm = load_language_model(language_model, dtype=dtype, cache_dir=cache_dir, demo_texts=demo_texts, seed=seed)
+    lm = load_language_model(language_model, dtype=dtype)
     tokenizer = lm.tokenizer
     old_len = len(tokenizer)
     image_token_id = prepare_tokenizer(tokenizer)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from test_stage2_train import BASE, ROOT, pretrained, world  # noqa: F401 (fixtures)
+from test_stage2_train import BASE, ROOT, parts, pretrained, world  # noqa: F401 (fixtures)
 
 from common.checkpoint import latest_checkpoint
 from common.io import load_safetensors
@@ -22,7 +22,7 @@ STEPS, KILL_AT = 6, 4
 
 
 def _finetune(world, out, stage: str, kill_at: int | None = None) -> subprocess.CompletedProcess:  # noqa: F811
-    over = [*BASE, "stage2.vision_tower=" + world["tower"], f"stage2.finetune.deepspeed={stage}",
+    over = [*BASE, *parts(world), f"stage2.finetune.deepspeed={stage}",
             f"stage2.finetune.max_steps={STEPS}", "stage2.finetune.checkpoint_every_steps=1", "stage2.keep_checkpoints=8"]
     code = ("import sys, torch; torch.set_num_threads(1)\n"
             f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
