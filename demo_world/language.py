@@ -131,8 +131,10 @@ def caption(scene: dict, rng: np.random.Generator, detailed: bool = False) -> st
     return " ".join(sentences)
 
 
-# Brief (alt-text) captions: every object by colour and shape, the rest of the scene only sometimes.
-BRIEF = {"size": 0.5, "where": 0.4, "relation": 0.2, "background": 0.3, "count": 0.3}
+# Brief (alt-text) captions: every object by colour and shape, the rest of the scene only sometimes. Each extra
+# sentence is a shortcut a contrastive batch can be told apart by instead of the shapes: with (size .5, where .4,
+# relation .2, background .3, count .3) a demo tower reached 19% zero-shot, with these rates 41% (256 steps).
+BRIEF = {"size": 0.3, "where": 0.1, "relation": 0.05, "background": 0.1, "count": 0.1}
 
 
 def brief_caption(scene: dict, rng: np.random.Generator) -> str:

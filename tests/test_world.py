@@ -138,6 +138,11 @@ def test_scene_sampling_invariants():
             x0, y0, x1, y1 = o["position"]["bbox"]
             assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
             assert REGIONS.index(o["region"]) == int(o["position"]["y"] * 3) * 3 + int(o["position"]["x"] * 3)
+        for a in objs:  # objects may cross cell borders but never touch each other
+            for b in objs:
+                ra, rb = a["position"]["r"], b["position"]["r"]
+                d = ((a["position"]["x"] - b["position"]["x"]) ** 2 + (a["position"]["y"] - b["position"]["y"]) ** 2) ** 0.5
+                assert a is b or d >= ra + rb
         shapes.update(o["shape"] for o in objs)
     # non-uniform statistics, so POPE's popular and adversarial negatives differ from random ones
     shapes, pairs = Counter(), Counter()
