@@ -125,7 +125,7 @@ def language_model(cfg: RunConfig, rd: RunDir, ctx: Context) -> str:
 # ------------------------------------------------------------------------- what each step runs, in order
 
 
-def data(cfg: RunConfig, rd: RunDir | None, ctx: Context, earlier: Outputs) -> Outputs:
+def data(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
     if cfg.data.root and ctx.data_out is None:
         return {"root": ensure_data(cfg, rd)[0]}
     out = ctx.data_out or rd.path / "data"
