@@ -41,6 +41,8 @@ AUGMENT_POLICIES: dict[str, AugmentPolicy] = {
     "ito": AugmentPolicy((0.5, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2,
                          description="the paper's Table 7 (SLIP/MoCo-v3 views): RandomResizedCrop scale (0.5, 1), "
                                      "ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale p=0.2"),
+    "none": AugmentPolicy((1.0, 1.0), description="no augmentation: the whole image, resized (RandomResizedCrop at "
+                          "scale 1 finds no other aspect ratio that fits, so it keeps the image whole)"),
     "crop": AugmentPolicy((0.5, 1.0), description="RandomResizedCrop scale (0.5, 1) only: Table 7's geometry "
                           "without its colour changes (for worlds whose labels are colours)"),
     "simclr": AugmentPolicy((0.08, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
