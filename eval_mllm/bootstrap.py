@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import InputError
+from common.io import InputError
 
 MMBENCH_CIRCULAR = int(1e6)  # lmms-eval's MMBench: index >= 1e6 marks a circular variant of index % 1e6
 
@@ -49,17 +49,6 @@ def load_samples(path: str | Path) -> list[dict]:
             raise InputError(f"{path}:{i}: expected an object with 'doc_id' and 'metrics'")
         out.append(rec)
     return out
-
-
-def json_finite(obj):
-    """NaN/inf (a statistic of an empty set) to None: JSON has no such numbers."""
-    if isinstance(obj, dict):
-        return {k: json_finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [json_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def import_dotted(path: str) -> Callable:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io import InputError, read_json
+from common.io import InputError, read_json
 
 from .bootstrap import TaskStatistic, load_samples, paired_bootstrap_stat
 

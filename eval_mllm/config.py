@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from pipeline.schema import ConfigError, option
+from common.schema import ConfigError, Section, option
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     tasks: list[str] = option(["demo"], help="task names or task sets (paper13, demo); comma-separated on the CLI")
     limit: int | None = option(None, min=1, help="evaluate at most this many samples per task")
-    batch_size: int = option(1, min=1)
     max_new_tokens: int | None = option(None, min=1, help="generation length for every task; null: each task's own "
                                                           "generation_kwargs (lmms-eval's YAML)")
     bootstrap_samples: int = option(1000, min=10, help="paired bootstrap resamples for A/B confidence intervals")
@@ -26,8 +22,8 @@ class EvalConfig:
     nproc: int = option(1, min=1, help="data-parallel processes (one GPU each); lmms-eval shards every task's "
                                        "documents over them and gathers the results on rank 0")
 
-    def validate(self, prefix: str = "eval") -> None:
-        from pipeline.devices import DEVICE_PATTERN
+    def check(self, prefix: str = "eval") -> None:
+        from common.devices import DEVICE_PATTERN
 
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"{prefix}.device: {self.device!r} is not a device, expected auto, cpu, cuda or cuda:N")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.devices import TORCH_DTYPE_NAMES, process_device
+from common.devices import TORCH_DTYPE_NAMES, process_device
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,6 @@ class EvalJob:
     precision: str  # resolved: fp32, bf16 or fp16
     nproc: int
     limit: int | None
-    batch_size: int
     max_new_tokens: int | None
     seed: int
     blind: bool = False  # every image replaced by a grey one (eval_mllm.blind)
@@ -73,7 +72,7 @@ def run_job(entry: Callable[[EvalJob], dict | None], job: EvalJob) -> dict:
     """`entry(job)` in this process (nproc 1) or in `job.nproc` torchrun processes; rank 0's result."""
     if job.nproc <= 1:
         return entry(job)
-    from pipeline import launch
+    from common import launch
 
     out = launch.run(entry, (job,), job.nproc)
     if out is None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from pipeline.io import InputError
+from common.io import InputError
+from common.metrics_log import read_jsonl_counted
 
 
 def _pyplot():
@@ -20,20 +20,16 @@ def _pyplot():
 
 def read_curve(path: Path, key: str = "loss") -> tuple[list[float], list[float], int]:
     """(steps, values, unreadable lines) of `key` in a training JSONL log."""
-    steps, values, bad = [], [], 0
     if not path.is_file():
         raise InputError(f"{path}: training log not found")
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1  # a line torn by a kill; the logger drops such lines on resume too
-            continue
+    records, torn = read_jsonl_counted(path)  # torn lines: a kill mid-write; the logger drops them on resume too
+    steps, values = [], []
+    for rec in records:
         v, s = rec.get(key), rec.get("step")
         if isinstance(v, (int, float)) and isinstance(s, (int, float)) and math.isfinite(v):
             steps.append(float(s))
             values.append(float(v))
-    return steps, values, bad
+    return steps, values, torn
 
 
 def plot_curves(name: str, curves: dict, out: Path, ylabel: str = "loss") -> None:

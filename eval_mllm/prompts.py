@@ -22,7 +22,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from pipeline.io import atomic_write_json, atomic_write_text
+from common.io import atomic_write_json, atomic_write_text
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."

@@ -15,9 +15,8 @@ import math
 import os
 from pathlib import Path
 
-from pipeline.io import InputError, atomic_write_json, atomic_write_text, read_json
+from common.io import InputError, atomic_write_json, atomic_write_text, json_finite, read_json
 
-from .bootstrap import json_finite
 from .compare import Source, comparisons
 from .plots import plot_curves, plot_deltas, read_curve
 from .task_sets import TASK_SETS, info

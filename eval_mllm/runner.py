@@ -22,11 +22,11 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.devices import resolve as resolve_devices
-from pipeline.io import InputError, atomic_write_json, atomic_write_text, require_safetensors
+from common.devices import resolve as resolve_devices
+from common.io import InputError, atomic_write_json, atomic_write_text, json_finite, require_safetensors
 
 from . import task_sets
-from .bootstrap import TaskStatistic, json_finite
+from .bootstrap import TaskStatistic
 from .parallel import EvalJob, merge_records, run_job, setup_process
 from .task_sets import (
     LOCAL_TASKS,
@@ -39,6 +39,7 @@ from .task_sets import (
 )
 
 LMMS_MODEL = "llava_hf"
+BATCH_SIZE = 1  # lmms-eval 0.7.3's llava_hf generates one request at a time (it asserts batch size 1)
 
 
 def force_offline() -> None:
@@ -191,13 +192,13 @@ def _evaluate(job: EvalJob, task_objs: list, manager) -> dict:
         from .blind import blind as make_blind
 
         model = make_blind(models.get_model(LMMS_MODEL).create_from_arg_string(
-            job.model_args(), {"batch_size": job.batch_size, "max_batch_size": None, "device": None}))
+            job.model_args(), {"batch_size": BATCH_SIZE, "max_batch_size": None, "device": None}))
     return simple_evaluate(
         model=model,
         model_args=job.model_args(),
         tasks=task_objs,  # built once per process, so prompts.md renders from the very task objects that ran
         task_manager=manager,
-        batch_size=job.batch_size,
+        batch_size=BATCH_SIZE,
         limit=job.limit,
         log_samples=True,
         gen_kwargs=job.gen_kwargs(),
@@ -249,7 +250,6 @@ def run_lmms_eval(
     *,
     data_root=None,
     limit: int | None = None,
-    batch_size: int = 1,
     device: str = "cpu",
     max_new_tokens: int | None = 16,
     seed: int = 0,
@@ -266,14 +266,12 @@ def run_lmms_eval(
     `textvqa_ocr` runs textvqa_val with LLaVA-1.5's OCR-token prompt (eval.textvqa_ocr).
     `blind` replaces every image by a uniform grey one of the same size (eval_mllm.blind): the
     language-prior floor of the same model, scored by the same task code.
-    device/precision: `auto` or explicit (pipeline.devices); nproc: data-parallel processes (eval_mllm.parallel).
+    device/precision: `auto` or explicit (common.devices); nproc: data-parallel processes (eval_mllm.parallel).
     """
     force_offline()
     model_dir = Path(model_dir).resolve()
     out_dir = Path(out_dir)
     _check_model_dir(model_dir)
-    if batch_size != 1:
-        raise InputError(f"eval.batch_size: lmms-eval's llava_hf generates one request at a time (got {batch_size})")
     device, precision = resolve_devices(device, precision, nproc, "eval")
     requested = expand_tasks(tasks)
     run_as = {t: lmms_task_name(t, textvqa_ocr) for t in requested}
@@ -303,7 +301,7 @@ def run_lmms_eval(
     if runnable:
         job = EvalJob(model_dir, tuple(run_as[t] for t in runnable), out_dir / "tasks",
                       any(run_as[t] not in LOCAL_TASKS for t in runnable), out_dir, device, precision, nproc, limit,
-                      batch_size, max_new_tokens, seed, blind)
+                      max_new_tokens, seed, blind)
         raw = _run_tasks(job, manager) if nproc <= 1 else run_job(_run_tasks, job)
         summary["model_args"], summary["gen_kwargs"] = raw["model_args"], raw["gen_kwargs"]
         for task in runnable:

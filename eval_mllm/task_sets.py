@@ -6,6 +6,11 @@ world's parquet files. `TASK_INFO` says, per task, which lmms-eval metric is the
 number, how to turn it into a percentage, how to bootstrap it from per-sample logs, and
 whether it needs a judge or only produces a submission file.
 
+A demo task is declared once, in `DEMO_TASKS` (name, reporting, parquet file; its lmms-eval YAML
+template is `tasks/demo/<name>.yaml`); its `TASK_INFO` and `LOCAL_TASKS` entries and the `demo` set
+are derived from that list. To add one: write the YAML template, add a `DemoTask`, and have the demo
+world (demo_world.benchmarks) write its parquet file.
+
 Metric choices (checked against lmms-eval 0.7.3's task YAMLs):
 - POPE: `pope_f1_score`. The ITO paper follows "the official LLaVA-1.5 evaluation protocol",
   whose POPE number is F1 (LLaVA-1.5-7B: 85.9). Accuracy, precision, recall and yes-ratio
@@ -26,7 +31,7 @@ Metric choices (checked against lmms-eval 0.7.3's task YAMLs):
 
 Offline availability: `datasets` 5.2 loads a hub dataset offline only from its prepared Arrow
 cache (`<cache>/<ns>___<name>/<config>/<version>/<hash>/dataset_info.json`); a hub snapshot of
-parquet files is not read (see pipeline.world.paper13). `check_task_available` checks exactly that.
+parquet files is not read (see demo_world.paper13). `check_task_available` checks exactly that.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io import InputError, atomic_write_text
+from common.io import InputError, atomic_write_text
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -75,6 +80,30 @@ class LocalTask:
 _POPE_F1 = "lmms_eval.tasks.pope.utils.pope_aggregate_f1_score"
 _MMSTAR_AGG = "lmms_eval.tasks.mmstar.utils.mmstar_aggregate_results"
 
+@dataclass(frozen=True)
+class DemoTask:
+    """One demo-world task, declared once: reporting (TaskInfo), the parquet file under DATA/eval/ it reads,
+    and (by its name) the YAML template tasks/demo/<name>.yaml."""
+
+    name: str
+    info: TaskInfo
+    data_file: str
+
+    def local(self) -> LocalTask:
+        return LocalTask(f"demo/{self.name}.yaml", self.data_file)
+
+
+# The demo world's benchmarks (local parquet), scored with the metrics of the tasks they mimic; in `demo` set order.
+DEMO_TASKS: tuple[DemoTask, ...] = (
+    DemoTask("demo_vqav2", TaskInfo("VQAv2", "exact_match"), "vqav2.parquet"),
+    DemoTask("demo_gqa", TaskInfo("GQA", "exact_match"), "gqa.parquet"),
+    DemoTask("demo_mmbench", TaskInfo("MMB-en", "gpt_eval_score", "mmbench", scale=1.0), "mmbench.parquet"),
+    DemoTask("demo_pope_random", TaskInfo("POPE-r", "pope_f1_score", "aggregate", _POPE_F1), "pope.parquet"),
+    DemoTask("demo_pope_pop", TaskInfo("POPE-p", "pope_f1_score", "aggregate", _POPE_F1), "pope.parquet"),
+    DemoTask("demo_pope_adv", TaskInfo("POPE-a", "pope_f1_score", "aggregate", _POPE_F1), "pope.parquet"),
+    DemoTask("demo_mmstar", TaskInfo("MMStar", "average", "aggregate", _MMSTAR_AGG), "mmstar.parquet"),
+)
+
 TASK_INFO: dict[str, TaskInfo] = {
     "vqav2_val": TaskInfo("VQAv2", "exact_match"),
     "gqa": TaskInfo("GQA", "exact_match"),
@@ -94,31 +123,17 @@ TASK_INFO: dict[str, TaskInfo] = {
     # Test splits scored by external servers: they run and write a submission file, no number.
     "vqav2_test": TaskInfo("VQAv2 (test)", "submission", submission_only=True),
     "vizwiz_vqa_test": TaskInfo("VizWiz (test)", "submission", submission_only=True),
-    # Demo world (local parquet), same metrics as the tasks they mimic.
-    "demo_pope_random": TaskInfo("POPE-r", "pope_f1_score", "aggregate", _POPE_F1),
-    "demo_pope_pop": TaskInfo("POPE-p", "pope_f1_score", "aggregate", _POPE_F1),
-    "demo_pope_adv": TaskInfo("POPE-a", "pope_f1_score", "aggregate", _POPE_F1),
-    "demo_vqav2": TaskInfo("VQAv2", "exact_match"),
-    "demo_gqa": TaskInfo("GQA", "exact_match"),
-    "demo_mmstar": TaskInfo("MMStar", "average", "aggregate", _MMSTAR_AGG),
-    "demo_mmbench": TaskInfo("MMB-en", "gpt_eval_score", "mmbench", scale=1.0),
+    **{t.name: t.info for t in DEMO_TASKS},
 }
 
 TASK_SETS: dict[str, list[str]] = {
     "paper13": ["vqav2_val", "gqa", "textvqa_val", "scienceqa_img", "vizwiz_vqa_val", "mmbench_en_dev",
                 "mmbench_cn_dev", "mmvet", "pope_random", "pope_pop", "pope_adv", "mmmu_val", "mmstar"],
-    "demo": ["demo_vqav2", "demo_gqa", "demo_mmbench", "demo_pope_random", "demo_pope_pop", "demo_pope_adv",
-             "demo_mmstar"],
+    "demo": [t.name for t in DEMO_TASKS],
 }
 
 LOCAL_TASKS: dict[str, LocalTask] = {
-    "demo_pope_random": LocalTask("demo/demo_pope_random.yaml", "pope.parquet"),
-    "demo_pope_pop": LocalTask("demo/demo_pope_pop.yaml", "pope.parquet"),
-    "demo_pope_adv": LocalTask("demo/demo_pope_adv.yaml", "pope.parquet"),
-    "demo_vqav2": LocalTask("demo/demo_vqav2.yaml", "vqav2.parquet"),
-    "demo_gqa": LocalTask("demo/demo_gqa.yaml", "gqa.parquet"),
-    "demo_mmstar": LocalTask("demo/demo_mmstar.yaml", "mmstar.parquet"),
-    "demo_mmbench": LocalTask("demo/demo_mmbench.yaml", "mmbench.parquet"),
+    **{t.name: t.local() for t in DEMO_TASKS},
     "mmbench_cn_dev_static": LocalTask("variants/mmbench_cn_dev_static.yaml",
                                        lmms_include="mmbench/_default_template_mmbench_cn_yaml"),
     "textvqa_val_ocr": LocalTask("variants/textvqa_val_ocr.yaml", lmms_include="textvqa/textvqa_val.yaml"),

@@ -1,10 +1,14 @@
 """The chain: data -> stage 1 (train, export, eval) -> stage 2 (pretrain, finetune) -> eval, and A/B runs.
 
-Each step has a key: the hash of its own config section plus its upstream step's key, so a
-change anywhere reruns that step and everything after it. A rerun of the chain skips steps
-that are `done` with the same key and outputs on disk, resumes a step left `running` (the
-stages resume from their own checkpoints), and wipes a step's directory when its key changed.
-Stages are called through Python APIs; multi-process stages start through `pipeline.launch`.
+`STEPS` is the chain, top to bottom: each step names the config it depends on, the functions it runs (each
+calls one stage entry point: stage1_pretrain.stage, stage2_llava.stage, eval_mllm.stage), the directories it
+owns and the outputs that mean "done". `run_step` is the one runner: the chain, `ito-mllm run` / `ab`, and
+every stage command of the CLI (`stage1 train|export|eval` run one part of the stage1 step) go through it.
+
+Each step has a key: the hash of its own config section plus its upstream step's key, so a change anywhere
+reruns that step and everything after it. A rerun skips steps that are `done` with the same key and outputs
+on disk, resumes a step left `running` (the stages resume from their own checkpoints), and wipes a step's
+directories when its key changed. Multi-process stages start through `common.launch`.
 """
 
 from __future__ import annotations
@@ -16,42 +20,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import faults
+import demo_world
+from common import faults
+from common.console import log
+from common.io import InputError, read_json, sweep_partial_writes
+from common.launch import Nodes
+from common.schema import to_dict
+from eval_mllm import stage as eval_stage
 from pipeline.config import RunConfig, arm_config, config_hash, dump_yaml
-from pipeline.io import InputError, read_json, sweep_partial_writes
 from pipeline.rundir import RunDir
-from pipeline.schema import to_dict
+from stage1_pretrain import stage as stage1
+from stage2_llava import stage as stage2
+
+Outputs = dict[str, Path]
 
 
-def log(msg: str) -> None:
-    print(f"[ito-mllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+@dataclass(frozen=True)
+class Context:
+    """What a command adds to a step besides the config and the run directory."""
+
+    nodes: Nodes | None = None  # several machines (stage 1 train, stage 2): node 0 keeps the manifest
+    shared_cache: Path | None = None  # A/B arms share the LM build and the feature cache
+    model_dir: Path | None = None  # `ito-mllm eval --model DIR`
+    data_out: Path | None = None  # `ito-mllm data demo --out DIR`
 
 
-# ----------------------------------------------------------------------------- steps
+# ------------------------------------------------------------------------------------ data and its paths
 
 
-def generate_data(cfg: RunConfig, rd: RunDir | None, out: Path) -> dict:
-    """Generate the demo world into `out` (recorded as the run's data step when `rd` is given); its manifest."""
-    from pipeline import world
-
-    if rd is not None:
-        rd.mark_running("data", step_keys(cfg)["data"], {"size": cfg.data.size, "seed": cfg.data.seed})
-    t0 = time.perf_counter()
-    manifest = world.generate(out, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
-    if rd is not None:
-        rd.mark_done("data", {"root": out}, seconds=round(time.perf_counter() - t0, 2))
-    return manifest
+def generate_world(cfg: RunConfig, out: Path) -> dict:
+    """Render the demo world into `out`; its manifest."""
+    return demo_world.generate(out, size=cfg.data.size, seed=cfg.data.seed, image_size=cfg.data.image_size)
 
 
 def ensure_data(cfg: RunConfig, rd: RunDir) -> tuple[Path, dict]:
-    """The demo-world root and its manifest: `data.root`, the run's data stage, or a new generation."""
+    """The demo-world root and its manifest: `data.root`, the run's data step, or the data step run now."""
     if cfg.data.root:
         root = Path(cfg.data.root)
     else:
         root = rd.output("data", "root")
         if root is None or not (root / "manifest.json").is_file():
-            root = rd.path / "data"
-            generate_data(cfg, rd, root)
+            run_step(cfg, rd, "data", force=True)
+            root = rd.require_output("data", "root")
     manifest = root / "manifest.json"
     if not manifest.is_file():
         raise InputError(f"{manifest}: data root has no manifest.json (data.root={cfg.data.root!r})")
@@ -69,30 +79,6 @@ def stage1_sources(cfg: RunConfig, rd: RunDir) -> tuple[str, str]:
     return train, evald
 
 
-def stage1_dirs(rd: RunDir) -> dict[str, Path]:
-    base = rd.path / "stage1"
-    return {"train": base / "train", "open_clip": base / "open_clip", "hf_clip": base / "hf_clip", "eval": base / "eval"}
-
-
-def run_stage1_train(cfg: RunConfig, rd: RunDir, nodes=None) -> dict[str, Path]:
-    """Stage-1 training in cfg.stage1.nproc processes (per node: `nodes`, a pipeline.launch.Nodes)."""
-    from pipeline import launch
-    from stage1_pretrain.train import train
-
-    train_data, eval_data = stage1_sources(cfg, rd)
-    d = stage1_dirs(rd)
-    summary = launch.run(train, (cfg.stage1, train_data, eval_data, d["train"]), cfg.stage1.nproc, nodes)
-    log(f"stage1 {cfg.stage1.method}: {summary['steps']} steps, {summary['data_counters']['bad']} bad samples")
-    return {"checkpoint_dir": d["train"] / "checkpoints", "train_log": d["train"] / "logs" / "metrics.jsonl"}
-
-
-def run_stage1_export(cfg: RunConfig, rd: RunDir) -> dict[str, Path]:
-    from stage1_pretrain import stage
-
-    d = stage1_dirs(rd)
-    return stage.export(cfg.stage1, d["train"], d["open_clip"], d["hf_clip"])
-
-
 def probe_sources(cfg: RunConfig, rd: RunDir) -> tuple[str, str] | None:
     """(train, test) JSONLs of the paper-style linear probe: the config's, else the demo world's, else None."""
     if cfg.stage1.probe_train or cfg.stage1.probe_test:
@@ -106,19 +92,9 @@ def probe_sources(cfg: RunConfig, rd: RunDir) -> tuple[str, str] | None:
     return str(root / paths["stage1_probe_train"]), str(root / paths["stage1_probe_test"])
 
 
-def run_stage1_eval(cfg: RunConfig, rd: RunDir, open_clip_dir: Path) -> dict[str, Path]:
-    from stage1_pretrain import stage
-
-    _, eval_data = stage1_sources(cfg, rd)
-    outs = stage.evaluate(cfg.stage1, open_clip_dir, eval_data, stage1_dirs(rd)["eval"], probe_sources(cfg, rd))
-    return {"metrics_json": outs["metrics_json"], "umap_png": outs["umap_png"]}
-
-
-def _stage1(cfg: RunConfig, rd: RunDir) -> dict[str, Path]:
-    outs = run_stage1_train(cfg, rd)
-    outs.update(run_stage1_export(cfg, rd))
-    outs.update(run_stage1_eval(cfg, rd, outs["open_clip_dir"]))
-    return outs
+def stage1_dirs(rd: RunDir) -> dict[str, Path]:
+    base = rd.path / "stage1"
+    return {"train": base / "train", "open_clip": base / "open_clip", "hf_clip": base / "hf_clip", "eval": base / "eval"}
 
 
 def stage2_sources(cfg: RunConfig, rd: RunDir, phase: str) -> tuple[str, str]:
@@ -131,127 +107,200 @@ def stage2_sources(cfg: RunConfig, rd: RunDir, phase: str) -> tuple[str, str]:
     return str(root / paths[f"stage2_{phase}"]), str(root / paths["stage2_images"])
 
 
-def stage2_tower(cfg: RunConfig, rd: RunDir, cache: Path) -> str:
-    """The HF directory of stage 2's tower (stage2_llava.towers): the run's stage-1 export, an HF directory as
-    given, or an open_clip checkpoint converted by stage 1's exporter (numerically checked, cached in `cache`)."""
-    from stage2_llava.towers import parse_tower_spec
+def cache_dir(rd: RunDir, ctx: Context) -> Path:
+    return Path(ctx.shared_cache or rd.path / "cache")  # shared by A/B arms: one LM build, one feature cache
 
-    spec = parse_tower_spec(cfg.stage2.vision_tower)
+
+def vision_tower(cfg: RunConfig, rd: RunDir, ctx: Context) -> str:
+    """stage2.vision_tower as the directory stage 2 loads (stage2_llava's tower registry): the run's stage-1
+    export, an HF directory as given, or an open_clip checkpoint converted to HF CLIP by stage 1's exporter
+    (numerically checked, cached under the run's cache, shared by A/B arms)."""
+    spec = stage2.tower_spec(cfg.stage2.vision_tower)
     if spec.kind == "stage1":
         return str(rd.require_output("stage1", "hf_clip_dir"))
     if spec.kind == "open_clip":
-        from stage1_pretrain.external import convert_to_hf
-
-        return str(convert_to_hf(spec.path, spec.arch, cache / "towers"))
+        return str(stage1.convert_open_clip(spec.path, spec.arch, cache_dir(rd, ctx) / "towers"))
     return spec.text
 
 
-def runs_stage1(cfg: RunConfig) -> bool:
-    """False for an external tower (stage2.vision_tower): the chain then skips stage 1."""
-    from stage2_llava.towers import is_external
-
-    return not is_external(cfg.stage2.vision_tower)
-
-
-def _stage2_entry(kwargs: dict) -> dict:
-    """Module-level (picklable) entry for the launcher: one stage-2 phase in every process."""
-    from stage2_llava.train import run_phase
-
-    return run_phase(**kwargs)
+def language_model(cfg: RunConfig, rd: RunDir, ctx: Context) -> str:
+    """stage2.language_model, or for a demo LM the directory built from the text of both phases' data."""
+    name = cfg.stage2.language_model
+    if not stage2.is_demo_lm(name):
+        return name
+    lms = cache_dir(rd, ctx) / "language_models"
+    sources = [stage2_sources(cfg, rd, phase) for phase in ("pretrain", "finetune")]
+    corpus = stage2.write_lm_corpus(sources, lms, skip_bad=cfg.stage2.skip_bad_records)
+    return str(stage2.build_demo_lm(name, corpus, lms, seed=cfg.stage2.seed))
 
 
-def demo_lm_texts(cfg: RunConfig, rd: RunDir) -> list[str] | None:
-    """Both phases' conversations as vicuna_v1 text: what a registered demo LM learns before stage 2."""
-    if not cfg.stage2.language_model.startswith("demo-"):
-        return None
-    from stage2_llava.llava_json import load_llava_json
-    from stage2_llava.train import demo_texts_of
-
-    texts = []
-    for phase in ("pretrain", "finetune"):
-        data_json, image_folder = stage2_sources(cfg, rd, phase)
-        texts += demo_texts_of(load_llava_json(data_json, image_folder, skip_bad=cfg.stage2.skip_bad_records)[0])
-    return texts
+# ------------------------------------------------------------------------- what each step runs, in order
 
 
-def run_stage2_phase(cfg: RunConfig, rd: RunDir, phase: str, shared_cache: Path | None = None,
-                     nodes=None) -> dict[str, Path]:
-    """One stage-2 phase in cfg.stage2.nproc processes (per node: `nodes`, a pipeline.launch.Nodes)."""
-    from pipeline import launch
-
-    data_json, image_folder = stage2_sources(cfg, rd, phase)
-    out_dir = rd.path / f"stage2_{phase}"
-    cache = Path(shared_cache or rd.path / "cache")  # shared by A/B arms: one LM initialisation for all
-    if phase == "pretrain":
-        init = (stage2_tower(cfg, rd, cache), cfg.stage2.language_model)
-    else:
-        init = str(rd.require_output("stage2_pretrain", "hf_dir"))
-    kwargs = dict(phase=phase, cfg=cfg.stage2, init_dir_or_sources=init, data_json=data_json,
-                  image_folder=image_folder, out_dir=out_dir, cache_dir=cache / "features",
-                  lm_cache_dir=cache / "language_models",
-                  demo_texts=demo_lm_texts(cfg, rd) if phase == "pretrain" else None)
-    summary = launch.run(_stage2_entry, (kwargs,), cfg.stage2.nproc, nodes)
-    log(f"stage2 {phase}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s")
-    return {"hf_dir": out_dir / "hf", "train_log": out_dir / "logs" / "metrics.jsonl"}
+def data(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    if cfg.data.root and ctx.data_out is None:
+        return {"root": ensure_data(cfg, rd)[0]}
+    out = ctx.data_out or rd.path / "data"
+    generate_world(cfg, out)
+    return {"root": out}
 
 
-def run_eval(cfg: RunConfig, rd: RunDir, model_dir: str | Path | None = None, blind: bool = False) -> dict[str, Path]:
-    """lmms-eval on the run's finetuned MLLM (or `model_dir`); `blind`: with grey images, into eval_blind/."""
-    from eval_mllm.runner import run_lmms_eval
+def stage1_train(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    train_data, eval_data = stage1_sources(cfg, rd)
+    return stage1.train(cfg.stage1, train_data, eval_data, stage1_dirs(rd)["train"], ctx.nodes)
 
-    model = Path(model_dir) if model_dir else rd.require_output("stage2_finetune", "hf_dir")
-    data_root = None
-    if any(t.startswith("demo") for t in cfg.eval.tasks):
-        data_root, _ = ensure_data(cfg, rd)
+
+def stage1_export(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    d = stage1_dirs(rd)
+    return stage1.export(cfg.stage1, d["train"], d["open_clip"], d["hf_clip"])
+
+
+def stage1_eval(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    open_clip_dir = earlier.get("open_clip_dir") or rd.require_output("stage1", "open_clip_dir")
+    _, eval_data = stage1_sources(cfg, rd)
+    return stage1.evaluate(cfg.stage1, open_clip_dir, eval_data, stage1_dirs(rd)["eval"], probe_sources(cfg, rd))
+
+
+def stage2_pretrain(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    data_json, image_folder = stage2_sources(cfg, rd, "pretrain")
+    return stage2.pretrain(cfg.stage2, vision_tower=vision_tower(cfg, rd, ctx), language_model=language_model(cfg, rd, ctx),
+                           data_json=data_json, image_folder=image_folder, out_dir=rd.path / "stage2_pretrain",
+                           cache_dir=cache_dir(rd, ctx) / "features", nodes=ctx.nodes)
+
+
+def stage2_finetune(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    data_json, image_folder = stage2_sources(cfg, rd, "finetune")
+    return stage2.finetune(cfg.stage2, init_dir=rd.require_output("stage2_pretrain", "hf_dir"), data_json=data_json,
+                           image_folder=image_folder, out_dir=rd.path / "stage2_finetune",
+                           cache_dir=cache_dir(rd, ctx) / "features", nodes=ctx.nodes)
+
+
+def _evaluate(cfg: RunConfig, rd: RunDir, ctx: Context, blind: bool) -> Outputs:
+    model = ctx.model_dir or rd.require_output("stage2_finetune", "hf_dir")
+    data_root = ensure_data(cfg, rd)[0] if eval_stage.uses_demo_world(cfg.eval) else None
     out = rd.path / ("eval_blind" if blind else "eval")
-    run_lmms_eval(model, cfg.eval.tasks, out, data_root=data_root, limit=cfg.eval.limit,
-                  batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed,
-                  textvqa_ocr=cfg.eval.textvqa_ocr, blind=blind, device=cfg.eval.device,
-                  precision=cfg.eval.precision, nproc=cfg.eval.nproc)
-    return {"results_json": out / "results.json", "samples_dir": out / "samples"}
+    return eval_stage.evaluate(cfg.eval, model, out, data_root=data_root, blind=blind)
 
 
-def _eval_section(cfg: RunConfig) -> dict:
+def evaluate(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    return _evaluate(cfg, rd, ctx, blind=False)
+
+
+def evaluate_blind(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    return _evaluate(cfg, rd, ctx, blind=True)
+
+
+def report(cfg: RunConfig, rd: RunDir, ctx: Context, earlier: Outputs) -> Outputs:
+    arms = {arm: arm_inputs(arm_config(cfg, arm), RunDir(rd.path / "arms" / arm)) for arm in cfg.ab.arms}
+    return eval_stage.report(cfg.eval, arms, rd.path / "report", baseline=cfg.ab.baseline or None,
+                             control=cfg.ab.control or None)
+
+
+# ------------------------------------------------------------------------- the config each step depends on
+
+
+def data_section(cfg: RunConfig) -> Any:
+    return cfg.data
+
+
+def data_inputs(cfg: RunConfig) -> dict:
+    return {} if cfg.data.root else {"size": cfg.data.size, "seed": cfg.data.seed}
+
+
+def stage1_section(cfg: RunConfig) -> Any:
+    return cfg.stage1
+
+
+def runs_stage1(cfg: RunConfig) -> bool:
+    """False for an external tower (stage2.vision_tower not from this run's stage 1): the chain skips stage 1."""
+    return not stage2.is_external_tower(cfg.stage2.vision_tower)
+
+
+def _stage2_without(cfg: RunConfig, other_phase: str) -> dict:
+    d = to_dict(cfg.stage2)
+    d.pop(other_phase)  # a phase must not rerun because the other phase's knob changed
+    return d
+
+
+def stage2_pretrain_section(cfg: RunConfig) -> Any:
+    return _stage2_without(cfg, "finetune")
+
+
+def stage2_finetune_section(cfg: RunConfig) -> Any:
+    return _stage2_without(cfg, "pretrain")
+
+
+def eval_section(cfg: RunConfig) -> Any:
     d = to_dict(cfg.eval)
     d.pop("blind")  # turning the blind floor on or off must not rerun the normal evaluation
     return d
 
 
+def eval_blind_section(cfg: RunConfig) -> Any:
+    return cfg.eval
+
+
+def blind_enabled(cfg: RunConfig) -> bool:
+    return cfg.eval.blind
+
+
+def whole_config(cfg: RunConfig) -> Any:
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- the steps
+
+
+def _always(cfg: RunConfig) -> bool:
+    return True
+
+
+def _no_inputs(cfg: RunConfig) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Step:
-    name: str
+    name: str  # the step's entry in manifest.json
     section: Callable[[RunConfig], Any]  # the config this step depends on (besides upstream)
-    run: Callable[..., dict[str, Path]]
-    dirs: Callable[[RunDir], list[Path]]  # wiped when the step's key changes
-    outputs: tuple[str, ...]  # what "done" means (stage 1's train alone records only some of them)
-    enabled: Callable[[RunConfig], bool] = lambda cfg: True  # a disabled step is left out of the chain
-
-
-def _stage2_section(phase: str) -> Callable[[RunConfig], Any]:
-    def section(cfg: RunConfig) -> Any:
-        d = to_dict(cfg.stage2)
-        other = "finetune" if phase == "pretrain" else "pretrain"
-        d.pop(other)  # the pretrain phase must not rerun because a finetune knob changed
-        return d
-
-    return section
+    parts: dict[str, Callable[..., Outputs]]  # run in order; the CLI's `stage1 train` runs one of them
+    dirs: tuple[str, ...]  # under the run directory, wiped when the step's key changes
+    outputs: tuple[str, ...]  # what "done" means
+    enabled: Callable[[RunConfig], bool] = _always  # a disabled step is left out of the chain
+    inputs: Callable[[RunConfig], dict] = _no_inputs  # recorded in the manifest next to the key
+    chained: bool = True  # False: keyed by its section alone, outside the chain (the A/B report)
 
 
 STEPS = (
-    Step("data", lambda c: c.data, lambda c, rd, **_: {"root": ensure_data(c, rd)[0]}, lambda rd: [], ("root",)),
-    Step("stage1", lambda c: c.stage1, lambda c, rd, **_: _stage1(c, rd), lambda rd: [rd.path / "stage1"],
-         ("checkpoint_dir", "open_clip_dir", "hf_clip_dir", "metrics_json"), enabled=runs_stage1),
-    Step("stage2_pretrain", _stage2_section("pretrain"),
-         lambda c, rd, **kw: run_stage2_phase(c, rd, "pretrain", kw.get("shared_cache"), kw.get("nodes")),
-         lambda rd: [rd.path / "stage2_pretrain"], ("hf_dir",)),
-    Step("stage2_finetune", _stage2_section("finetune"),
-         lambda c, rd, **kw: run_stage2_phase(c, rd, "finetune", kw.get("shared_cache"), kw.get("nodes")),
-         lambda rd: [rd.path / "stage2_finetune"], ("hf_dir",)),
-    Step("eval", _eval_section, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir")), lambda rd: [rd.path / "eval"],
-         ("results_json", "samples_dir")),
-    Step("eval_blind", lambda c: c.eval, lambda c, rd, **kw: run_eval(c, rd, kw.get("model_dir"), blind=True),
-         lambda rd: [rd.path / "eval_blind"], ("results_json", "samples_dir"), enabled=lambda c: c.eval.blind),
+    Step("data", data_section, {"data": data}, (), ("root",), inputs=data_inputs),
+    Step("stage1", stage1_section, {"train": stage1_train, "export": stage1_export, "eval": stage1_eval},
+         ("stage1",), ("checkpoint_dir", "open_clip_dir", "hf_clip_dir", "metrics_json"), enabled=runs_stage1),
+    Step("stage2_pretrain", stage2_pretrain_section, {"pretrain": stage2_pretrain}, ("stage2_pretrain",), ("hf_dir",)),
+    Step("stage2_finetune", stage2_finetune_section, {"finetune": stage2_finetune}, ("stage2_finetune",), ("hf_dir",)),
+    Step("eval", eval_section, {"eval": evaluate}, ("eval",), ("results_json", "samples_dir")),
+    Step("eval_blind", eval_blind_section, {"eval": evaluate_blind}, ("eval_blind",), ("results_json", "samples_dir"),
+         enabled=blind_enabled),
 )
+REPORT = Step("report", whole_config, {"report": report}, ("report",), ("markdown", "json"), chained=False)
+_BY_NAME = {s.name: s for s in (*STEPS, REPORT)}
+
+
+# ------------------------------------------------------------------------------------------- the runner
+
+
+def step_keys(cfg: RunConfig) -> dict[str, str]:
+    """Each chain step's key: its config section's hash chained with the upstream step's key (a disabled step,
+    such as stage 1 for an external tower, is not upstream of anything)."""
+    keys, upstream = {}, ""
+    for step in STEPS:
+        keys[step.name] = config_hash({"config": to_dict(step.section(cfg)), "upstream": upstream})
+        if step.enabled(cfg):
+            upstream = keys[step.name]
+    return keys
+
+
+def _key(cfg: RunConfig, step: Step) -> str:
+    return step_keys(cfg)[step.name] if step.chained else config_hash(step.section(cfg))
 
 
 def _outputs_exist(rd: RunDir, step: Step) -> bool:
@@ -261,56 +310,83 @@ def _outputs_exist(rd: RunDir, step: Step) -> bool:
     )
 
 
-def step_keys(cfg: RunConfig) -> dict[str, str]:
-    """Each step's key: its config section's hash chained with the upstream step's key (a disabled step, such as
-    stage 1 for an external tower, is not upstream of anything)."""
-    keys, upstream = {}, ""
-    for step in STEPS:
-        keys[step.name] = config_hash({"config": to_dict(step.section(cfg)), "upstream": upstream})
-        if step.enabled(cfg):
-            upstream = keys[step.name]
-    return keys
+def _begin(cfg: RunConfig, rd: RunDir, step: Step, key: str) -> None:
+    """Wipe the step's directories when its key changed, or sweep what a kill left; then mark it running."""
+    entry = rd.stage(step.name)
+    if entry.get("config_hash") not in (None, key):
+        log(f"{step.name}: config or inputs changed; rerunning it (and everything after it)")
+        for d in step.dirs:
+            shutil.rmtree(rd.path / d, ignore_errors=True)
+    elif entry.get("status") == "running":
+        log(f"{step.name}: interrupted earlier; resuming")
+        for d in step.dirs:
+            if (rd.path / d).is_dir():
+                sweep_partial_writes(rd.path / d)
+    rd.mark_running(step.name, key, step.inputs(cfg))
 
 
-def run_step(cfg: RunConfig, rd: RunDir, name: str, *, force: bool = False, **kw) -> str:
-    """Run one step unless it is done with the same key; "skipped" or "ran"."""
-    step = next(s for s in STEPS if s.name == name)
-    key = step_keys(cfg)[name]
+def _run_parts(cfg: RunConfig, rd: RunDir, step: Step, parts: list[str], ctx: Context) -> Outputs:
+    """The step's parts in order, each seeing the outputs of the ones before; a failure is recorded."""
+    outputs: Outputs = {}
+    with faults.in_step(step.name):
+        try:
+            for part in parts:
+                outputs.update(step.parts[part](cfg, rd, ctx, dict(outputs)))
+        except BaseException as e:
+            if not isinstance(e, KeyboardInterrupt):
+                rd.mark_failed(step.name, f"{type(e).__name__}: {e}".splitlines()[0][:500])
+            raise
+    return outputs
+
+
+def run_step(cfg: RunConfig, rd: RunDir, name: str, *, force: bool = False, part: str | None = None,
+             ctx: Context | None = None) -> str:
+    """Run step `name` (or only its `part`, from the CLI) unless it is done with the same key; "skipped" or "ran".
+
+    A whole step is marked running, runs every part, and is marked done with all outputs. A part is always run:
+    the first part starts the step as a whole step does, every part adds its outputs as it finishes (so
+    `stage1 train` then `stage1 export` then `stage1 eval` add up to the stage1 step). On nodes other than 0
+    (`ctx.nodes`) the parts run and the manifest, kept by node 0, is left alone.
+    """
+    step, ctx = _BY_NAME[name], ctx or Context()
+    if ctx.nodes is not None and not ctx.nodes.is_main:
+        with faults.in_step(name):
+            for p in [part] if part else step.parts:
+                step.parts[p](cfg, rd, ctx, {})
+        return "ran"
+    key = _key(cfg, step)
+    if part is not None:
+        return _run_part(cfg, rd, step, part, key, ctx)
     entry = rd.stage(name)
     if not force and entry.get("status") == "done" and entry.get("config_hash") == key and _outputs_exist(rd, step):
         log(f"{name}: done with the same config, skipped")
         return "skipped"
-    if entry.get("config_hash") not in (None, key):
-        log(f"{name}: config or inputs changed; rerunning it (and everything after it)")
-        for d in step.dirs(rd):
-            shutil.rmtree(d, ignore_errors=True)
-    elif entry.get("status") == "running":
-        log(f"{name}: interrupted earlier; resuming")
-        for d in step.dirs(rd):
-            if d.is_dir():
-                sweep_partial_writes(d)
-    rd.mark_running(name, key)
+    _begin(cfg, rd, step, key)
     t0 = time.perf_counter()
-    faults.set_step(name)
-    try:
-        outputs = step.run(cfg, rd, **kw)
-    except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):
-            rd.mark_failed(name, f"{type(e).__name__}: {e}".splitlines()[0][:500])
-        raise
-    finally:
-        faults.set_step(None)
+    outputs = _run_parts(cfg, rd, step, list(step.parts), ctx)
     rd.mark_done(name, outputs, config_hash=key, seconds=round(time.perf_counter() - t0, 1))
+    return "ran"
+
+
+def _run_part(cfg: RunConfig, rd: RunDir, step: Step, part: str, key: str, ctx: Context) -> str:
+    if part not in step.parts:
+        raise ValueError(f"step {step.name} has no part {part!r}; parts: {', '.join(step.parts)}")
+    if part == next(iter(step.parts)):
+        _begin(cfg, rd, step, key)
+    t0 = time.perf_counter()
+    outputs = _run_parts(cfg, rd, step, [part], ctx)
+    rd.add_outputs(step.name, outputs, **{f"{part}_seconds": round(time.perf_counter() - t0, 1)})
     return "ran"
 
 
 def run_chain(cfg: RunConfig, rd: RunDir, shared_cache: Path | None = None) -> dict[str, str]:
     """Run every step not already done with the same key; returns {step: "skipped"|"ran"}."""
     rd.save_config(dump_yaml(cfg))
-    return {step.name: run_step(cfg, rd, step.name, shared_cache=shared_cache) for step in STEPS if step.enabled(cfg)}
+    ctx = Context(shared_cache=shared_cache)
+    return {step.name: run_step(cfg, rd, step.name, ctx=ctx) for step in STEPS if step.enabled(cfg)}
 
 
-def _arm_inputs(cfg: RunConfig, rd: RunDir) -> dict:
+def arm_inputs(cfg: RunConfig, rd: RunDir) -> dict:
     """What the A/B report reads of one arm's run directory (an external-tower arm has no stage-1 outputs)."""
     hf = rd.require_output("stage2_finetune", "hf_dir")
     info = read_json(hf / "ito_mllm.json") if (hf / "ito_mllm.json").is_file() else {}
@@ -338,23 +414,13 @@ def _arm_inputs(cfg: RunConfig, rd: RunDir) -> dict:
     return spec
 
 
-def run_ab(cfg: RunConfig, top: RunDir) -> dict:
-    """Every arm of `ab.arms` on shared data and LM initialisation, then the A/B report."""
-    from eval_mllm.report import write_report
-
+def run_ab(cfg: RunConfig, top: RunDir) -> None:
+    """Every arm of `ab.arms` on shared data and LM initialisation, then the A/B report (step `report`)."""
     top.save_config(dump_yaml(cfg))
     root, _ = ensure_data(cfg, top)
-    arms: dict[str, dict] = {}
     for arm in cfg.ab.arms:
         acfg = arm_config(cfg, arm)
         acfg.data.root = str(root.resolve())
-        ard = RunDir(top.path / "arms" / arm)
         log(f"arm {arm}: {', '.join(f'{k}={v}' for k, v in cfg.ab.arms[arm].items())}")
-        run_chain(acfg, ard, shared_cache=top.path / "cache")
-        arms[arm] = _arm_inputs(acfg, ard)
-    out = top.path / "report"
-    top.mark_running("report", config_hash(cfg))
-    report = write_report(arms, out, cfg.ab.baseline or None, cfg.ab.control or None,
-                          n_resamples=cfg.eval.bootstrap_samples, seed=cfg.eval.seed)
-    top.mark_done("report", {"markdown": out / "report.md", "json": out / "report.json"})
-    return report
+        run_chain(acfg, RunDir(top.path / "arms" / arm), shared_cache=top.path / "cache")
+    run_step(cfg, top, "report", force=True)

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.io import InputError, RunStopped
-from pipeline.schema import ConfigError
+from common.io import InputError, RunStopped
+from common.schema import ConfigError
 
 EXIT_CONFIG = 2
 EXIT_INPUT = 1

@@ -1,6 +1,8 @@
-"""Handlers behind the `ito-mllm` subcommands: resolve the config, open the run dir, call a stage.
+"""Handlers behind the `ito-mllm` subcommands: resolve the config, open the run dir, run a step.
 
-Stage imports happen inside the handlers so `ito-mllm --help` and config errors stay fast.
+Every stage command goes through the chain's step runner (`chain.run_step`), which keeps the manifest.
+`pipeline.chain` (and through it the stages) is imported inside the handlers so `ito-mllm --help` and
+config errors stay fast.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import chain
+from common.io import atomic_write_json, read_json
+from common.launch import Nodes
+from common.schema import ConfigError, describe
 from pipeline.config import RunConfig, dump_yaml, load_config
 from pipeline.rundir import RunDir
-from pipeline.schema import ConfigError, describe
 
 
 def resolve(args, extra: list[str] | None = None, save: bool = True) -> tuple[RunConfig, RunDir | None]:
@@ -32,6 +35,9 @@ def resolve(args, extra: list[str] | None = None, save: bool = True) -> tuple[Ru
 
 
 def data_demo(args) -> int:
+    from pipeline import chain
+    from pipeline.chain import Context
+
     extra = []
     if args.size:
         extra.append(f"data.size={args.size}")
@@ -42,7 +48,11 @@ def data_demo(args) -> int:
         raise ConfigError("data demo: give --out DIR or --run-dir DIR")
     out = Path(args.out) if args.out is not None else rd.path / "data"
     t0 = time.perf_counter()
-    manifest = chain.generate_data(cfg, rd, out)
+    if rd is None:
+        manifest = chain.generate_world(cfg, out)
+    else:
+        chain.run_step(cfg, rd, "data", force=True, ctx=Context(data_out=out))
+        manifest = read_json(out / "manifest.json")
     dt = time.perf_counter() - t0
     counts = ", ".join(f"{k}={v}" for k, v in manifest.get("counts", {}).items())
     print(f"demo world ({cfg.data.size}, seed {cfg.data.seed}) written to {out} in {dt:.1f}s: {counts}")
@@ -50,7 +60,7 @@ def data_demo(args) -> int:
 
 
 def data_paper13_fixtures(args) -> int:
-    from pipeline.world.paper13 import summary_lines, write_paper13_fixtures
+    from demo_world.paper13 import summary_lines, write_paper13_fixtures
 
     t0 = time.perf_counter()
     manifest = write_paper13_fixtures(args.out, seed=args.seed)
@@ -60,10 +70,8 @@ def data_paper13_fixtures(args) -> int:
     return 0
 
 
-def _nodes(args, stage: str) -> tuple[list[str], object]:
-    """Overrides and pipeline.launch.Nodes from --nnodes/--node-rank/--master-addr/--master-port."""
-    from pipeline.launch import Nodes
-
+def _nodes(args, stage: str) -> tuple[list[str], Nodes]:
+    """Overrides and common.launch.Nodes from --nnodes/--node-rank/--master-addr/--master-port."""
     nodes = Nodes(args.nnodes or 1, args.node_rank, args.master_addr, args.master_port)
     if nodes.nnodes > 1 and args.run_dir is None:
         raise ConfigError("--run-dir: several nodes write one run directory, so give it (on a shared filesystem)")
@@ -73,42 +81,43 @@ def _nodes(args, stage: str) -> tuple[list[str], object]:
 
 
 def stage1_train(args) -> int:
+    from pipeline import chain
+
     extra, nodes = _nodes(args, "stage1")
     extra += [f"stage1.nproc={args.nproc}"] if args.nproc else []
-    cfg, rd = resolve(args, extra, save=nodes.is_main)
-    t0 = time.perf_counter()
-    if nodes.is_main:  # only node 0 writes the manifest; the others train into the same directories
-        rd.mark_running("stage1", chain.step_keys(cfg)["stage1"])  # the chain's key: a later `run` reuses it
-    outs = chain.run_stage1_train(cfg, rd, nodes)
-    if nodes.is_main:
-        rd.add_outputs("stage1", outs, train_seconds=round(time.perf_counter() - t0, 1))
+    cfg, rd = resolve(args, extra, save=nodes.is_main)  # only node 0 writes; the others train into the same dirs
+    chain.run_step(cfg, rd, "stage1", part="train", ctx=chain.Context(nodes=nodes))
     return 0
 
 
 def stage1_export(args) -> int:
+    from pipeline import chain
+
     cfg, rd = resolve(args)
-    outs = chain.run_stage1_export(cfg, rd)
-    rd.add_outputs("stage1", outs)
-    print(f"exported: open_clip -> {outs['open_clip_dir']}, Hugging Face CLIP -> {outs['hf_clip_dir']}")
+    chain.run_step(cfg, rd, "stage1", part="export")
+    print(f"exported: open_clip -> {rd.require_output('stage1', 'open_clip_dir')}, "
+          f"Hugging Face CLIP -> {rd.require_output('stage1', 'hf_clip_dir')}")
     return 0
 
 
 def stage1_eval(args) -> int:
+    from pipeline import chain
+
     cfg, rd = resolve(args)
-    outs = chain.run_stage1_eval(cfg, rd, rd.require_output("stage1", "open_clip_dir"))
-    rd.add_outputs("stage1", outs)
-    print(Path(outs["metrics_json"]).with_suffix(".md").read_text())
+    chain.run_step(cfg, rd, "stage1", part="eval")
+    print(rd.require_output("stage1", "metrics_json").with_suffix(".md").read_text())
     return 0
 
 
 def _stage2(args, phase: str) -> int:
+    from pipeline import chain
+
     extra, nodes = _nodes(args, "stage2")
     cfg, rd = resolve(args, extra, save=nodes.is_main)
-    if not nodes.is_main:  # node 0 keeps the manifest (and wipes a changed step) before the nodes meet
-        chain.run_stage2_phase(cfg, rd, phase, nodes=nodes)
-        return 0
-    chain.run_step(cfg, rd, f"stage2_{phase}", force=True, nodes=nodes)
-    print(f"stage2 {phase} -> {rd.require_output(f'stage2_{phase}', 'hf_dir')}")
+    # node 0 keeps the manifest (and wipes a changed step) before the nodes meet
+    chain.run_step(cfg, rd, f"stage2_{phase}", force=True, ctx=chain.Context(nodes=nodes))
+    if nodes.is_main:
+        print(f"stage2 {phase} -> {rd.require_output(f'stage2_{phase}', 'hf_dir')}")
     return 0
 
 
@@ -121,15 +130,15 @@ def stage2_finetune(args) -> int:
 
 
 def evaluate(args) -> int:
+    from pipeline import chain
+
     cfg, rd = resolve(args, [f"eval.tasks={args.tasks}"] if args.tasks else [])
-    chain.run_step(cfg, rd, "eval", force=True, model_dir=args.model)
+    chain.run_step(cfg, rd, "eval", force=True, ctx=chain.Context(model_dir=args.model))
     _print_results(rd.require_output("eval", "results_json"))
     return 0
 
 
 def _print_results(path: Path) -> None:
-    from pipeline.io import read_json
-
     res = read_json(path)
     table = Path(path).with_name("table.md")
     if table.is_file():
@@ -141,6 +150,8 @@ def _print_results(path: Path) -> None:
 
 
 def run(args) -> int:
+    from pipeline import chain
+
     cfg, rd = resolve(args)
     done = chain.run_chain(cfg, rd)
     print(f"run {rd.path}: " + ", ".join(f"{k} {v}" for k, v in done.items()))
@@ -149,6 +160,8 @@ def run(args) -> int:
 
 
 def ab(args) -> int:
+    from pipeline import chain
+
     cfg, rd = resolve(args)
     t0 = time.perf_counter()
     chain.run_ab(cfg, rd)
@@ -169,35 +182,18 @@ def demo(args) -> int:
 
 def chat(args) -> int:
     """`ito-mllm chat`: the run's finetuned MLLM (or --model), one-shot with --prompt or interactive."""
-    import torch
+    from stage2_llava import stage as stage2
 
-    from pipeline.devices import resolve_device
-    from pipeline.io import InputError
-    from stage2_llava.chat import ChatSession, Sampling, interactive, load_chat_model, open_image, reply
-
-    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise InputError("chat: expected --max-new-tokens >= 1, --temperature >= 0 and --top-p in (0, 1]")
     model_dir = args.model
     if model_dir is None:
         cfg, rd = resolve(args, save=False)
         model_dir = (rd or RunDir(Path("runs") / cfg.name)).require_output("stage2_finetune", "hf_dir")
-    image = open_image(args.image) if args.image else None  # before loading the model: a typo fails fast
-    device = resolve_device(args.device, "--device")
-    model, processor = load_chat_model(model_dir, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                                       device=device)
-    session = ChatSession(model, processor, image=image)
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    print(f"model: {model_dir}" + (f"  image: {args.image}" if args.image else "  (no image)"))
-    if args.prompt is None:
-        interactive(session, sampling)
-        return 0
-    print(f"USER: {args.prompt}\nASSISTANT: ", end="", flush=True)
-    reply(session, args.prompt, sampling)
+    stage2.chat(model_dir, image=args.image, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device)
     return 0
 
 
 def plan(args) -> int:
-    from pipeline.io import atomic_write_json
     from pipeline.plan import make_plan, render
 
     cfg, _ = resolve(args, save=False)  # a plan writes no config: the run that follows may still change it

@@ -1,8 +1,8 @@
 """The run config: stage configs composed into one tree, loaded from presets, YAML and overrides.
 
-Resolution order (later wins): dataclass defaults < preset chain (`base:` keys) < the
+Resolution order (later wins): the sections' defaults < preset chain (`base:` keys) < the
 user's YAML < `KEY=VALUE` overrides. The result is validated key by key (see
-`pipeline.schema`) and saved into the run directory as `config.yaml`.
+`common.schema`) and saved into the run directory as `config.yaml`.
 """
 
 from __future__ import annotations
@@ -10,24 +10,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from common.schema import ConfigError, Section, build, option, to_dict
 from eval_mllm.config import EvalConfig
 from pipeline.costs import PlanConfig
-from pipeline.schema import ConfigError, build, option, to_dict
 from stage1_pretrain.config import Stage1Config
 from stage2_llava.config import Stage2Config
 
 PRESET_DIR = Path(__file__).parent / "presets"
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# Keys that were removed: (section, key) -> (the only value they ever accepted, why they went). The config.yaml
+# of an older run directory may still hold them; that value is dropped, any other is a one-line error.
+RETIRED = {("eval", "batch_size"): (1, "lmms-eval's llava_hf generates one request at a time")}
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     size: str = option("demo", choices=("tiny", "demo"), help="demo-world size")
     seed: int = option(0, min=0, help="demo-world seed")
     image_size: int = option(64, min=16, max=1024, help="rendered image side in pixels")
@@ -47,29 +48,28 @@ def _default_arms() -> dict[str, dict[str, Any]]:
     return {"clip": {"stage1.method": "clip"}, "ito": {"stage1.method": "ito"}}
 
 
-@dataclass
-class ABConfig:
-    arms: dict[str, dict[str, Any]] = field(default_factory=_default_arms)
+def _check_external_arm(name: str, overrides: dict, prefix: str) -> None:
+    """An arm with an external tower skips stage 1, so stage1.* keys would do nothing there."""
+    from stage2_llava.stage import is_external_tower
+
+    tower = overrides.get("stage2.vision_tower")
+    stage1 = [k for k in overrides if k.startswith("stage1.")]
+    try:
+        external = bool(tower) and is_external_tower(str(tower))
+    except ValueError as e:  # a malformed spec
+        raise ConfigError(f"{prefix}.arms.{name}: {e}") from None
+    if external and stage1:
+        raise ConfigError(f"{prefix}.arms.{name}: stage2.vision_tower={tower} is an external tower, so stage 1 "
+                          f"does not run for this arm; drop {', '.join(stage1)}")
+
+
+class ABConfig(Section):
+    arms: dict[str, dict[str, Any]] = option(default_factory=_default_arms)
     baseline: str = option("", help="the arm the A/B deltas are taken against (empty: the first arm)")
     control: str = option("", help="an untrained-tower arm (stage1.epochs=0) the report checks sensitivity against "
                                    "(empty: none)")
 
-    @staticmethod
-    def _check_external(name: str, overrides: dict, prefix: str) -> None:
-        """An arm with an external tower skips stage 1, so stage1.* keys would do nothing there."""
-        from stage2_llava.towers import is_external
-
-        tower = overrides.get("stage2.vision_tower")
-        stage1 = [k for k in overrides if k.startswith("stage1.")]
-        try:
-            external = bool(tower) and is_external(str(tower))
-        except ValueError as e:  # a malformed spec
-            raise ConfigError(f"{prefix}.arms.{name}: {e}") from None
-        if external and stage1:
-            raise ConfigError(f"{prefix}.arms.{name}: stage2.vision_tower={tower} is an external tower, so stage 1 "
-                              f"does not run for this arm; drop {', '.join(stage1)}")
-
-    def validate(self, prefix: str = "ab") -> None:
+    def check(self, prefix: str = "ab") -> None:
         if len(self.arms) < 2:
             raise ConfigError(f"{prefix}.arms: an A/B run needs at least 2 arms, got {len(self.arms)}")
         for name, overrides in self.arms.items():
@@ -81,23 +81,22 @@ class ABConfig:
                         f"{prefix}.arms.{name}.{key}: arms may only set {', '.join(ARM_KEYS)} "
                         "(everything else is shared so the comparison is fair)"
                     )
-            self._check_external(name, overrides, prefix)
+            _check_external_arm(name, overrides, prefix)
         for role in ("baseline", "control"):
             name = getattr(self, role)
             if name and name not in self.arms:
                 raise ConfigError(f"{prefix}.{role}: {name!r} is not one of the arms ({', '.join(self.arms)})")
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     name: str = option("run", help="a label for the run")
     preset: str = option("", help="the preset this config was resolved from (informational)")
-    data: DataConfig = field(default_factory=DataConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    ab: ABConfig = field(default_factory=ABConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)  # `ito-mllm plan` only: no step's key depends on it
+    data: DataConfig = option(default_factory=DataConfig)
+    stage1: Stage1Config = option(default_factory=Stage1Config)
+    stage2: Stage2Config = option(default_factory=Stage2Config)
+    eval: EvalConfig = option(default_factory=EvalConfig)
+    ab: ABConfig = option(default_factory=ABConfig)
+    plan: PlanConfig = option(default_factory=PlanConfig)  # `ito-mllm plan` only: no step's key depends on it
 
 
 def preset_names() -> list[str]:
@@ -186,16 +185,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _drop_retired(data: dict) -> dict:
+    for (section, key), (only, why) in RETIRED.items():
+        values = data.get(section)
+        if isinstance(values, dict) and key in values:
+            if values[key] != only:
+                raise ConfigError(f"{section}.{key}: removed ({why}); got {values[key]!r}")
+            values = dict(values)
+            values.pop(key)
+            data = {**data, section: values}
+    return data
+
+
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Resolve a preset or YAML file plus dotted overrides into a validated RunConfig."""
     data, preset = _load_layer(config or "demo")
     data = apply_overrides(data, list(overrides))
     data.setdefault("preset", preset)
-    return build(RunConfig, data)
+    return from_dict(data)
 
 
 def from_dict(data: dict) -> RunConfig:
-    return build(RunConfig, data)
+    return build(RunConfig, _drop_retired(data))
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from pipeline.schema import option
+from common.schema import Section, option
 
 GB = 1e9
 
@@ -134,8 +134,7 @@ class Cost:
         return out
 
 
-@dataclass
-class PlanConfig:
+class PlanConfig(Section):
     gpu: str = option("a100-80gb", choices=tuple(GPUS), help="GPU the plan prices (peak bf16 TFLOPs, memory)")
     mfu: float = option(0.4, min=0.01, max=1.0, help="model FLOPs utilisation assumed for the time estimates")
     stage1_samples: int | None = option(None, min=1, help="stage-1 pairs per epoch (None: stage1.samples_per_epoch, "

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.schema import ConfigError
 from pipeline.costs import GB, GPUS, Cost, PlanConfig, Stack
-from pipeline.schema import ConfigError
 
 # Vicuna-7B v1.5's config.json (LLaMA-2 7B shape), used when the weights are not on this machine.
 VICUNA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -122,7 +122,7 @@ def stage1_samples(cfg) -> tuple[int, str]:
     if s1.samples_per_epoch:
         return s1.samples_per_epoch, "stage1.samples_per_epoch"
     if not s1.train_data:
-        from pipeline.world import SIZES
+        from demo_world import SIZES
 
         return SIZES[cfg.data.size]["stage1_train"], f"demo world ({cfg.data.size})"
     n = _count_local_shards(s1.train_data)
@@ -244,7 +244,7 @@ def phase_data(cfg, phase: str) -> tuple[int, float, float, str]:
     if n:
         return n, frac, tokens, f"plan.{phase}_samples, plan.{phase}_text_tokens"
     if not ph.data:
-        from pipeline.world import SIZES
+        from demo_world import SIZES
 
         size = SIZES[cfg.data.size]
         return size["stage2_images" if phase == "pretrain" else "stage2_finetune"], frac, tokens, "demo world size"

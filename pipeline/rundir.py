@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import InputError, atomic_write_json, atomic_write_text, read_json
+from common.io import InputError, atomic_write_json, atomic_write_text, read_json
 
 STAGES = ("data", "stage1", "stage2_pretrain", "stage2_finetune", "eval", "eval_blind", "report")
 STATUSES = ("done", "running", "failed")

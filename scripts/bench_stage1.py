@@ -61,11 +61,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import matmul_flops_per_s
-
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project importable
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # run as a script or loaded from a file: the project and benchlib
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchlib import matmul_flops_per_s  # noqa: E402
 
 OURS = ("clip", "ito", "ito_sub2", "siglip", "slip", "flair")
 # The paper's training overhead relative to CLIP (Appendix J: CC3M, same backbone and batch, GPU):
@@ -216,11 +217,12 @@ def _method_info(task, method) -> dict:
 
 def _run_ours(spec: dict) -> dict:
     import torch
+    from open_clip_train.scheduler import cosine_lr
 
     from pipeline.config import load_config
     from stage1_pretrain.data import DataCounters
     from stage1_pretrain.task import build_task
-    from stage1_pretrain.train import _autocast, _loader, cosine_lr, train_step
+    from stage1_pretrain.train import _autocast, _loader, train_step
 
     cfg = load_config("demo", [
         f"stage1.method={spec['config']}", f"stage1.model={spec['model']}", f"stage1.batch_size={spec['batch']}",
@@ -237,6 +239,7 @@ def _run_ours(spec: dict) -> dict:
     )
     autocast = _autocast(cfg.precision, torch.device("cpu"))
     n = spec["warmup"] + spec["steps"]
+    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, n + spec["e2e_steps"])  # the training loop's
 
     def loaders(epoch: int):
         while True:  # small data: go on into the next epoch
@@ -244,8 +247,7 @@ def _run_ours(spec: dict) -> dict:
             epoch += 1
 
     def step(i: int, batch: dict) -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(i, cfg.lr, cfg.warmup_steps, n + spec["e2e_steps"])
+        schedule(i)
         train_step(task, optimizer, batch["images"], batch["texts"], cfg.accum_steps, autocast)
         task.clamp_logit_scales()
 
@@ -530,7 +532,7 @@ def main(argv=None) -> dict:
         worker_main(argv[1])
         return {}
     args = parse_args(argv)
-    from pipeline.io import atomic_write_json
+    from common.io import atomic_write_json
 
     t_start, load_start = time.perf_counter(), list(os.getloadavg())
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.grad_checkpointing]

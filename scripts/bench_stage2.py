@@ -42,11 +42,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import matmul_flops_per_s
-
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project importable
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # run as a script or loaded from a file: the project and benchlib
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchlib import matmul_flops_per_s  # noqa: E402
 
 MODES = ("no_cache", "cache_cold", "cache_warm")
 WORDS = ["red", "green", "blue", "yellow", "small", "large", "circle", "square", "on", "a", "gray", "background",
@@ -111,18 +112,28 @@ def _flop_counter():
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def _step_flops(cfg, data_json: str, folder: str, cache_dir: str, lm_cache: str, use_cache: bool) -> int:
+def language_model(cfg, data_json: str, folder: str, lm_cache: str) -> str:
+    """The LM to assemble: stage2.language_model, a demo LM built first from the bench data's text (as the chain does)."""
+    from stage2_llava import stage
+
+    if not stage.is_demo_lm(cfg.language_model):
+        return cfg.language_model
+    corpus = stage.write_lm_corpus([(data_json, folder)], lm_cache)
+    return str(stage.build_demo_lm(cfg.language_model, corpus, lm_cache, seed=cfg.seed))
+
+
+def _step_flops(cfg, data_json: str, folder: str, cache_dir: str, use_cache: bool) -> int:
     """FLOPs of one optimizer step (every micro-batch of the first global batch, forward + backward)."""
     import torch
 
     from stage2_llava.assemble import num_image_tokens, set_trainable
     from stage2_llava.data import Collator, StepBatchSampler
     from stage2_llava.llava_json import load_llava_json
-    from stage2_llava.train import TrainForward, _init_model, demo_texts_of, phase_data, supervised_tokens
+    from stage2_llava.train import TrainForward, _init_model, phase_data, supervised_tokens
 
     cfg.feature_cache = use_cache
     records, skipped = load_llava_json(data_json, folder)
-    model, processor = _init_model("pretrain", cfg, None, lm_cache_dir=lm_cache, demo_texts=demo_texts_of(records))
+    model, processor = _init_model("pretrain", cfg, None)
     set_trainable(model, "pretrain")
     data = phase_data(cfg, cfg.pretrain, model, processor, records, skipped, folder,
                       num_image_tokens=num_image_tokens(model), cache_dir=cache_dir)
@@ -154,11 +165,12 @@ def worker(spec: dict) -> dict:
 
     args = argparse.Namespace(**spec["args"])
     cfg = load_config("demo", _overrides(args, spec["mode"])).stage2
+    cfg.language_model = language_model(cfg, spec["data"], spec["folder"], spec["lm_cache"])
     t0 = time.perf_counter()
     summary = run_phase("pretrain", cfg, data_json=spec["data"], image_folder=spec["folder"], out_dir=spec["out"],
-                        cache_dir=spec["cache"], num_workers=spec["workers"], lm_cache_dir=spec["lm_cache"])
+                        cache_dir=spec["cache"], num_workers=spec["workers"])
     wall = time.perf_counter() - t0
-    flops = (_step_flops(cfg, spec["data"], spec["folder"], spec["cache"], spec["lm_cache"], spec["mode"] != "no_cache")
+    flops = (_step_flops(cfg, spec["data"], spec["folder"], spec["cache"], spec["mode"] != "no_cache")
              if spec["count_flops"] else None)
     return {"summary": summary, "wall_seconds": wall, "flops_per_step": flops, "matmul_flops_per_s": matmul_flops_per_s()}
 

@@ -2,7 +2,7 @@
 
 One reference run of `ito-mllm run` (data -> stage 1 -> export -> stage 2 pretrain/finetune ->
 eval, the `tiny` preset with ITO and a few more steps) goes uninterrupted and records every
-failpoint hit (pipeline.faults). Then each trial starts a fresh run directory and kills the same
+failpoint hit (common.faults). Then each trial starts a fresh run directory and kills the same
 command up to --kills-per-trial times before letting a last resume finish. Each kill is either
 - a failpoint kill: a (step, failpoint) pair of stages 1 and 2 not yet done drawn uniformly, at a
   hit drawn uniformly from the reference's count (train.step; ckpt.partial / before_rename / before_latest
@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.io import atomic_write_json, load_safetensors
+from common.io import atomic_write_json, load_safetensors
 
 OVERRIDES = [
     "stage1.method=ito", "stage1.epochs=2", "stage1.checkpoint_every_steps=3",

@@ -7,7 +7,7 @@ export, stage-1 eval and stage 3 on one node.
 
 Every training step is one `srun` with one task per node; each task runs `ito-mllm ... --nnodes N --node-rank
 $SLURM_NODEID --master-addr <first node> --master-port PORT`, i.e. torchrun's static rendezvous through
-pipeline.launch, and starts --gpus-per-node processes on its node. The run directory must be on a filesystem
+common.launch, and starts --gpus-per-node processes on its node. The run directory must be on a filesystem
 every node sees; node 0 keeps the manifest. The config is resolved here first, so a bad key fails before
 submission. Prints the sbatch file (or writes --out); submits nothing.
 """

@@ -1,4 +1,4 @@
-"""Stage-1 (dual-encoder pretraining) configuration: one dataclass, validated by pipeline.schema.
+"""Stage-1 (dual-encoder pretraining) configuration: one section (a pydantic model, common.schema).
 
 Fields left as `None` take the method's default from the method registry (for example
 `ito` uses 2 image views, 1 text view, fusion weight 2).
@@ -6,13 +6,10 @@ Fields left as `None` take the method's default from the method registry (for ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from pipeline.schema import ConfigError, option
+from common.schema import ConfigError, Section, option
 
 
-@dataclass
-class Stage1Config:
+class Stage1Config(Section):
     method: str = option("clip", help="stage-1 method from the registry: clip, ito, ito_sub2, ma, siglip, slip, flair")
     model: str = option("ito-tiny", help="open_clip architecture name (ViT-B-16, ViT-L-16, ito-tiny, ito-demo)")
     train_data: str = option("", help="webdataset shard pattern (DIR/{00000..00009}.tar), URLs webdataset opens "
@@ -76,7 +73,7 @@ class Stage1Config:
     zero_shot_every_epoch: bool = option(True, help="zero-shot accuracy on eval_data at each epoch end")
     eval_batch_size: int = option(256, min=1)
 
-    def validate(self, prefix: str = "stage1") -> None:
+    def check(self, prefix: str = "stage1") -> None:
         from .augment import AUGMENT_POLICIES
 
         for key in ("augment", "ssl_augment"):

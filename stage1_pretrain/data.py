@@ -22,7 +22,7 @@ decoding anything before it).
   tar member, missing CSV image file) are counted and replaced by draws from the rank's own
   samples seeded by (seed, epoch, rank, batch index), so batches always have the full size.
   When bad/seen exceeds max_bad_fraction (checked once enough samples are seen to measure
-  it, and at the end of the epoch) iteration raises pipeline.io.InputError naming train_data.
+  it, and at the end of the epoch) iteration raises common.io.InputError naming train_data.
   A truncated or unreadable tar keeps the samples before the cut and counts one bad sample
   for the cut.
 - Views and sub-descriptions are seeded by (seed, epoch, key) (a replacement for a bad sample
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pipeline.io import InputError
+from common.io import InputError
 
 from .sources import FIELD, BadSample, index_shard, open_source
 from .views import ImageDecodeError, load_rgb

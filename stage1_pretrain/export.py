@@ -31,7 +31,7 @@ import torch
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import nn
 
-from pipeline.io import atomic_write_json, save_safetensors, staged_dir
+from common.io import atomic_write_json, save_safetensors, staged_dir
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # first in open_clip's preferred checkpoint names

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.io import InputError, atomic_write_json, load_safetensors, read_json, sha256_file
-from pipeline.schema import ConfigError
+from common.io import InputError, atomic_write_json, load_safetensors, read_json, sha256_file
+from common.schema import ConfigError
 
 from . import models
 from .export import EXPORT_CHECK, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, export_hf_clip

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.schema import ConfigError
+from common.schema import ConfigError
 
 from .losses import ClipLoss, SigLipLoss
 

@@ -30,7 +30,7 @@ import open_clip
 import torch
 from torch import nn
 
-from pipeline.schema import ConfigError
+from common.schema import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 PROJECT_ARCHS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import InputError, path_escape
+from common.io import InputError, path_escape
 
 log = logging.getLogger(__name__)
 

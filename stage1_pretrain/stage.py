@@ -1,22 +1,40 @@
-"""Stage-1 entry points for the CLI and the chain: train, export, eval on run-directory paths.
+"""Stage 1's public entry points: train, export, evaluate, and convert_open_clip (an outside open_clip checkpoint
+as an HF CLIP tower for stage 2). The chain (`pipeline.chain`) calls only these.
 
-Each takes plain paths and a Stage1Config and returns the outputs it wrote, so `pipeline`
-can record them in the manifest; nothing here knows about manifests.
+Each takes the stage-1 config section and plain paths and returns the outputs it wrote ({key: path}),
+which the chain records in the run directory's manifest; nothing here knows about manifests.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io import InputError, load_safetensors
+from common import launch
+from common.console import log
+from common.io import InputError, load_safetensors
 
 from . import export as _export
 from . import models
+from .config import Stage1Config
 from .methods import resolve
 
 
-def export(cfg, train_dir: str | Path, open_clip_dir: str | Path, hf_clip_dir: str | Path) -> dict[str, Path]:
-    """Drop the fusion head (it is not in final/) and write the open_clip and HF CLIP directories."""
+def train(cfg: Stage1Config, train_data: str, eval_data: str | None, out_dir: str | Path,
+          nodes: launch.Nodes | None = None) -> dict[str, Path]:
+    """Pretrain (or resume) the dual encoder into `out_dir` in cfg.nproc processes per node (`nodes`: several
+    machines, common.launch.Nodes); returns {"checkpoint_dir", "train_log"}."""
+    from .train import train as train_in_process
+
+    out = Path(out_dir)
+    summary = launch.run(train_in_process, (cfg, train_data, eval_data, out), cfg.nproc, nodes)
+    log(f"stage1 {cfg.method}: {summary['steps']} steps, {summary['data_counters']['bad']} bad samples")
+    return {"checkpoint_dir": out / "checkpoints", "train_log": out / "logs" / "metrics.jsonl"}
+
+
+def export(cfg: Stage1Config, train_dir: str | Path, open_clip_dir: str | Path,
+           hf_clip_dir: str | Path) -> dict[str, Path]:
+    """Drop the fusion head (it is not in final/) and write the open_clip and HF CLIP directories;
+    returns {"open_clip_dir", "hf_clip_dir"}."""
     weights = Path(train_dir) / "final" / "model.safetensors"
     if not weights.is_file():
         raise InputError(f"{weights}: no trained weights; run `ito-mllm stage1 train` first")
@@ -33,6 +51,15 @@ def export(cfg, train_dir: str | Path, open_clip_dir: str | Path, hf_clip_dir: s
     }
 
 
+def convert_open_clip(source: str | Path, arch: str | None, cache_dir: str | Path) -> Path:
+    """An open_clip checkpoint from outside the run (an open_clip model directory, or a .safetensors state dict of
+    architecture `arch`) as an HF CLIP directory, exported like stage 1's own and checked numerically against
+    open_clip; converted once under `cache_dir`/open_clip-<digest> and reused. Returns the directory."""
+    from .external import convert_to_hf
+
+    return convert_to_hf(source, arch, cache_dir)
+
+
 def load_exported(open_clip_dir: str | Path):
     """(model, preprocess_val, tokenizer) from an exported open_clip directory, as a user loads it."""
     import open_clip
@@ -42,14 +69,15 @@ def load_exported(open_clip_dir: str | Path):
     return model.eval(), preprocess, open_clip.get_tokenizer(ref)
 
 
-def evaluate(cfg, open_clip_dir: str | Path, eval_data: str | Path, out_dir: str | Path,
+def evaluate(cfg: Stage1Config, open_clip_dir: str | Path, eval_data: str | Path, out_dir: str | Path,
              probe: tuple[str, str] | None = None) -> dict[str, Path]:
-    """Stage-1 metrics of the exported model; `probe` (train JSONL, test JSONL) selects the paper's linear probe."""
+    """Stage-1 metrics of the exported model (metrics.json/.md, umap.png in `out_dir`); `probe` (train JSONL,
+    test JSONL) selects the paper's linear probe. Returns {"metrics_json", "umap_png"}."""
     from .evaluate import evaluate as run_eval
 
     model, preprocess, tokenizer = load_exported(open_clip_dir)
-    train, test = probe or (None, None)
+    train_jsonl, test_jsonl = probe or (None, None)
     run_eval(model, preprocess, tokenizer, eval_data, out_dir, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-             probe_train=train, probe_test=test)
+             probe_train=train_jsonl, probe_test=test_jsonl)
     out = Path(out_dir)
-    return {"metrics_json": out / "metrics.json", "metrics_md": out / "metrics.md", "umap_png": out / "umap.png"}
+    return {"metrics_json": out / "metrics.json", "umap_png": out / "umap.png"}

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.io import InputError
+from common.io import InputError
 
 from .data import TrainLoader, _identity, collate, derive_seed, make_sample
 from .sources import FIELD, IMAGE_EXTS, BadSample, _check_caption, is_stream

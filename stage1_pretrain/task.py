@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.schema import ConfigError
+from common.schema import ConfigError
 
 from . import models
 from .fusion import FusionHead

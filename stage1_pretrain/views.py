@@ -10,7 +10,7 @@ seeds them per sample, so a sample's views depend only on the seed it is given (
 a resumed run sees the same views), never on what ran before in the process. A method with
 SSL views (SLIP) gets them from the same `MultiView`, after its V alignment views.
 
-Decoding (`load_rgb`) is pipeline.images' `decode_image` with transparency composited over
+Decoding (`load_rgb`) is common.images' `decode_image` with transparency composited over
 white (as img2dataset and transformers' `convert_to_rgb` do, instead of PIL's alpha drop
 that turns transparent pixels black).
 """
@@ -24,7 +24,7 @@ import warnings
 import torch
 from PIL import Image
 
-from pipeline.images import MAX_PIXELS, ImageDecodeError, decode_image, to_rgb
+from common.images import MAX_PIXELS, ImageDecodeError, decode_image, to_rgb
 
 from .augment import get_policy
 

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.io import InputError, atomic_write_json, read_json, require_safetensors, staged_dir
+from common.io import InputError, atomic_write_json, read_json, require_safetensors, staged_dir
 from stage2_llava.conversation import DEFAULT_IMAGE_TOKEN, get_template
 from stage2_llava.preprocess import IGNORE_INDEX, prepare_tokenizer
 from stage2_llava.projectors import DEFAULT_PROJECTOR, build_projector, is_native, projector_builder
@@ -129,16 +128,13 @@ def build_llava(
     *,
     model_max_length: int,
     dtype: torch.dtype = torch.float32,
-    cache_dir: str | os.PathLike | None = None,
-    demo_texts: Sequence[str] | None = None,
     seed: int = 0,
 ):
     """(LlavaForConditionalGeneration, LlavaProcessor) from a tower spec, an LM spec and a projector name.
 
     vision_feature_layer: None takes the tower family's convention (stage2_llava.towers; -2 for every registered
-    family). cache_dir/demo_texts: needed only for the demo LMs (registry.LANGUAGE_MODELS). seed: projector init
-    (and the demo LM's training). The model is returned in eval mode with every parameter trainable; call
-    set_trainable for a phase.
+    family). seed: the projector's initialisation. The model is returned in eval mode with every parameter
+    trainable; call set_trainable for a phase.
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -147,7 +143,7 @@ def build_llava(
     if vision_feature_layer is None:
         vision_feature_layer = tower.feature_layer
     _check_feature_layer(vision_feature_layer, tower.model.config.num_hidden_layers)
-    lm = load_language_model(language_model, dtype=dtype, cache_dir=cache_dir, demo_texts=demo_texts, seed=seed)
+    lm = load_language_model(language_model, dtype=dtype)
     tokenizer = lm.tokenizer
     old_len = len(tokenizer)
     image_token_id = prepare_tokenizer(tokenizer)

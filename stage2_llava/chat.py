@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from pipeline.images import ImageDecodeError, decode_image
-from pipeline.io import InputError, read_json
+from common.images import ImageDecodeError, decode_image
+from common.io import InputError, read_json
 from stage2_llava.assemble import CHAT_TEMPLATE, load_llava
 from stage2_llava.conversation import DEFAULT_IMAGE_TOKEN, GPT, HUMAN, get_template
 

@@ -6,13 +6,10 @@ and the number of processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from pipeline.schema import ConfigError, option
+from common.schema import ConfigError, Section, option
 
 
-@dataclass
-class PhaseConfig:
+class PhaseConfig(Section):
     data: str = option("", help="LLaVA JSON file; empty: the run's demo data for this phase")
     image_folder: str = option("", help="folder the JSON's image paths are relative to")
     template: str = option("plain", help="conversation template: plain, vicuna_v1")
@@ -43,8 +40,7 @@ def _finetune() -> PhaseConfig:
     )
 
 
-@dataclass
-class Stage2Config:
+class Stage2Config(Section):
     vision_tower: str = option("", help="tower source (stage2_llava.towers): empty or `stage1` = this run's stage-1 "
                                "export; `hf:DIR` or DIR = a local HF CLIP, SigLIP or DINOv2 vision model (stage 1 "
                                "skipped); `open_clip:DIR` or `open_clip:ARCH:FILE.safetensors` = an open_clip "
@@ -66,10 +62,10 @@ class Stage2Config:
     workers: int | None = option(None, min=0, help="data-loader workers per process (None: up to 4, fewer on small machines)")
     log_every_steps: int = option(1, min=1, help="optimizer steps between metric log lines (LLaVA logs every step)")
     keep_checkpoints: int = option(2, min=1, help="checkpoints kept on disk (older ones rotate out)")
-    pretrain: PhaseConfig = field(default_factory=_pretrain)
-    finetune: PhaseConfig = field(default_factory=_finetune)
+    pretrain: PhaseConfig = option(default_factory=_pretrain)
+    finetune: PhaseConfig = option(default_factory=_finetune)
 
-    def validate(self, prefix: str = "stage2") -> None:
+    def check(self, prefix: str = "stage2") -> None:
         for name in ("pretrain", "finetune"):
             ph = getattr(self, name)
             per_step = ph.per_device_batch_size * self.nproc * self.nnodes

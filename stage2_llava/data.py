@@ -6,7 +6,7 @@
   padding here is then a no-op; with a processor that does not pad, inference will not pad either.
   `pad=False` is LLaVA's `image_aspect_ratio` other than "pad" (its pretrain phase): no padding, the
   processor's resize + centre crop only (its own `do_pad` switched off for the call).
-  Decoding is pipeline.images' `decode_image` with LLaVA's alpha handling (`convert("RGB")` drops it);
+  Decoding is common.images' `decode_image` with LLaVA's alpha handling (`convert("RGB")` drops it);
   16/32-bit grey images are rescaled to 8 bits. A missing, undecodable or oversized file raises
   `ImageError` (a ValueError) naming the file.
 - `LlavaDataset`: one record -> input_ids / labels (`tokenize_and_mask` with the phase template, the
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from pipeline.images import MAX_PIXELS, ImageDecodeError, decode_image
-from pipeline.io import InputError
+from common.images import MAX_PIXELS, ImageDecodeError, decode_image
+from common.io import InputError
 from stage2_llava.llava_json import Record
 from stage2_llava.preprocess import IGNORE_INDEX, expand_image_tokens, tokenize_and_mask
 

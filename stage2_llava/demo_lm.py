@@ -29,9 +29,12 @@ weaker LM. The LM's own training: 120 steps x 8 x 64 tokens (~61k tokens; loss 1
 demo world's 7000 texts), ~0.3 s a step on two free cores (~40 s); measured 123 s wall while four other
 jobs shared the two cores. demo-llama-tiny: 20 steps of 4 x 32 tokens, ~4 s with tokenizer and saving.
 
-Texts: "<image>" placeholders are removed (the LM has no image token yet); each text becomes
-BOS + text + EOS in one token stream. The caller passes the demo world's captions and QA text (ideally
-rendered with the vicuna_v1 template, so the LM already knows "USER:"/"ASSISTANT:" turns).
+The text comes from a corpus file (JSONL, one {"text": ...} per line): `write_corpus` writes one from LLaVA
+records rendered with the vicuna_v1 template (`corpus_texts`: the demo world's captions and QA, so the LM
+already knows "USER:"/"ASSISTANT:" turns); the chain writes it from both phases' data before stage 2 and
+passes the built directory to stage 2 like any local LM (stage2_llava.stage.build_demo_lm). "<image>"
+placeholders are removed (the LM has no image token yet); each text becomes BOS + text + EOS in one token
+stream.
 """
 
 from __future__ import annotations
@@ -50,13 +53,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.io import InputError, atomic_write_json, staged_dir
+from common.io import InputError, atomic_write_json, atomic_write_text, staged_dir
 
 log = logging.getLogger(__name__)
 
 DEMO_LM_VERSION = 1
 DEMO_LM_INFO = "demo_lm.json"
 IMAGE_PLACEHOLDER = "<image>"
+CORPUS_TEMPLATE = "vicuna_v1"
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,45 @@ DEMO_LMS: dict[str, DemoLMSpec] = {
 }
 
 
+def is_demo_lm(name: str) -> bool:
+    """Whether `stage2.language_model` names a demo LM (built from a corpus before stage 2, not loaded)."""
+    return name in DEMO_LMS
+
+
+def corpus_texts(records) -> list[str]:
+    """LLaVA records (llava_json.Record) as vicuna_v1 prompts: the text a demo LM learns."""
+    from stage2_llava.conversation import get_template
+
+    tpl = get_template(CORPUS_TEMPLATE)
+    return [tpl.render(r.conversations) for r in records]
+
+
+def write_corpus(path: str | os.PathLike, texts: Sequence[str]) -> Path:
+    """Write a corpus file (JSONL, one {"text": ...} per line, atomically); returns its path."""
+    return atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def read_corpus(path: str | os.PathLike) -> list[str]:
+    """The texts of a corpus file; a bad line is a one-line InputError naming file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: a text may hold U+2028
+    except FileNotFoundError:
+        raise InputError(f"{path}: demo LM corpus not found") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if lines and not lines[-1]:
+        lines.pop()
+    texts = []
+    for i, line in enumerate(lines, 1):
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            text = None
+        if not isinstance(text, str):
+            raise InputError(f"{path}:{i}: expected a JSON object {{\"text\": \"...\"}}")
+        texts.append(text)
+    return texts
 
 
 def sentencepiece_file() -> Path:
@@ -184,9 +227,14 @@ def texts_digest(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def build_demo_lm(name: str, out_dir: str | os.PathLike, texts: Sequence[str], seed: int = 0,
+def build_demo_lm(name: str, out_dir: str | os.PathLike, corpus: str | os.PathLike, seed: int = 0,
                   steps: int | None = None) -> Path:
-    """Train demo LM `name` on `texts` and write it to `out_dir` (HF safetensors dir, atomic); returns the path."""
+    """Train demo LM `name` on the texts of `corpus` (a corpus file) and write it to `out_dir` (HF safetensors
+    dir, atomic); returns the path."""
+    return _build(name, out_dir, read_corpus(corpus), seed, steps)
+
+
+def _build(name: str, out_dir: str | os.PathLike, texts: Sequence[str], seed: int, steps: int | None) -> Path:
     spec = get_spec(name)
     steps = spec.steps if steps is None else int(steps)
     if steps < 0:
@@ -223,10 +271,12 @@ def demo_lm_dir(name: str, cache_dir: str | os.PathLike, texts: Sequence[str], s
     return Path(cache_dir) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def ensure_demo_lm(name: str, cache_dir: str | os.PathLike, texts: Sequence[str], seed: int = 0,
+def ensure_demo_lm(name: str, cache_dir: str | os.PathLike, corpus: str | os.PathLike, seed: int = 0,
                    steps: int | None = None) -> Path:
-    """Build demo LM `name` once per (name, seed, steps, texts) under `cache_dir` and reuse it afterwards."""
+    """Build demo LM `name` from the corpus file `corpus` once per (name, seed, steps, texts) under `cache_dir`
+    and reuse it afterwards; returns its directory (a plain HF Llama directory)."""
+    texts = read_corpus(corpus)
     out = demo_lm_dir(name, cache_dir, texts, seed, steps)
     if (out / DEMO_LM_INFO).is_file():
         return out
-    return build_demo_lm(name, out, texts, seed=seed, steps=steps)
+    return _build(name, out, texts, seed, steps)

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import torch
 
-from pipeline.io import InputError
+from common.io import InputError
 
 FILE = "deepspeed_state.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -12,7 +12,7 @@ directory and never reads stale features. Images are keyed by the sha256 of thei
 same picture under two folders is computed once and a replaced file is recomputed.
 
 Storage: safetensors shards under `<key>/shards/`, each a {image sha256: [P, D] tensor} dict written
-atomically (pipeline.io.save_safetensors); an interrupted build leaves complete shards only and the next
+atomically (common.io.save_safetensors); an interrupted build leaves complete shards only and the next
 build computes just the missing images. In a multi-process run every rank builds a disjoint share;
 the caller waits for all ranks, then opens the table.
 
@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from pipeline.io import InputError, atomic_write_json, save_safetensors, sha256_file
+from common.io import InputError, atomic_write_json, save_safetensors, sha256_file
 from stage2_llava.data import ImageError, ImageLoader
 from stage2_llava.llava_json import Record
 

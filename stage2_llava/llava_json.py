@@ -2,7 +2,7 @@
 
 The file is a JSON list of ``{"id", "image"?, "conversations": [{"from", "value"}, ...]}``. Every
 record is checked up front so that a bad record fails the run at load time with one line
-``FILE: record ID (index I): <problem>, expected <what>`` (pipeline.io.InputError), or, with
+``FILE: record ID (index I): <problem>, expected <what>`` (common.io.InputError), or, with
 skip_bad=True, is skipped, counted and logged (at most `max_warnings` lines).
 
 Rules (LLaVA-1.5's data and its `preprocess_*` functions, made explicit):
@@ -24,7 +24,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.io import InputError, path_escape, read_json
+from common.io import InputError, path_escape, read_json
 from stage2_llava.conversation import DEFAULT_IMAGE_TOKEN, GPT, HUMAN
 
 log = logging.getLogger(__name__)

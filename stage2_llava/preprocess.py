@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava.conversation import DEFAULT_IMAGE_TOKEN, PlainTemplate, Template, get_template
 
 IGNORE_INDEX = -100

@@ -7,9 +7,10 @@ a local HF directory spec.
 Language models (`stage2.language_model`): `LANGUAGE_MODELS` maps registered names to resolvers that
 return an `LMSource`; any other spec is a path: a `.gguf` file (transformers' GGUF loader, dequantised
 to `dtype`) or an HF causal-LM directory with config.json (AutoModelForCausalLM, safetensors only,
-no remote code). Registered: `demo-llama`, `demo-llama-tiny` (stage2_llava.demo_lm, trained on the
-demo world's text and cached under `cache_dir`) and `vicuna-7b-v1.5` (`$ITO_MLLM_MODELS/vicuna-7b-v1.5`;
-nothing is ever downloaded). Selection is by the exact config string, never by parts of model names.
+no remote code). Registered: `vicuna-7b-v1.5` (`$ITO_MLLM_MODELS/vicuna-7b-v1.5`; nothing is ever
+downloaded). Selection is by the exact config string, never by parts of model names. The demo LMs
+(`demo-llama`, `demo-llama-tiny`, stage2_llava.demo_lm) are not loaded by name: they are built from a text
+corpus first (stage2_llava.stage.build_demo_lm, which the chain calls) and passed here as a directory.
 
 Projectors live in stage2_llava.projectors (`PROJECTORS`, re-exported here).
 """
@@ -17,14 +18,15 @@ Projectors live in stage2_llava.projectors (`PROJECTORS`, re-exported here).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.io import InputError, require_safetensors
+from common.io import InputError, require_safetensors
+from stage2_llava.demo_lm import is_demo_lm
 from stage2_llava.projectors import PROJECTORS, build_projector, projector_builder
 from stage2_llava.towers import TOWER_SOURCES, VisionTower, load_hf_tower, load_tower, parse_tower_spec
 
@@ -95,13 +97,6 @@ class LanguageModel:
     source: LMSource
 
 
-@dataclass(frozen=True)
-class LMContext:
-    cache_dir: Path | None
-    demo_texts: Sequence[str] | None
-    seed: int
-
-
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer, LlamaTokenizer
 
@@ -147,20 +142,8 @@ def _load_gguf(path: Path, *, dtype: torch.dtype) -> tuple[Any, Any]:
 LM_LOADERS: dict[str, Callable[..., tuple[Any, Any]]] = {"hf_dir": _load_hf_dir, "gguf": _load_gguf}
 
 
-def _demo(name: str) -> Callable[[LMContext], LMSource]:
-    def resolve(ctx: LMContext) -> LMSource:
-        from stage2_llava.demo_lm import ensure_demo_lm
-
-        if ctx.cache_dir is None or ctx.demo_texts is None:
-            raise InputError(f"language model {name!r} is trained on the demo world's text: pass cache_dir= and "
-                             "demo_texts= (or build it with stage2_llava.demo_lm.ensure_demo_lm and pass its directory)")
-        return LMSource("hf_dir", ensure_demo_lm(name, ctx.cache_dir, ctx.demo_texts, seed=ctx.seed), name)
-
-    return resolve
-
-
-def _local(name: str) -> Callable[[LMContext], LMSource]:
-    def resolve(ctx: LMContext) -> LMSource:
+def _local(name: str) -> Callable[[], LMSource]:
+    def resolve() -> LMSource:
         root = os.environ.get(MODELS_ENV, "")
         if not root:
             raise InputError(f"language model {name!r}: set {MODELS_ENV} to a directory holding {name}/ "
@@ -174,20 +157,19 @@ def _local(name: str) -> Callable[[LMContext], LMSource]:
     return resolve
 
 
-LANGUAGE_MODELS: dict[str, Callable[[LMContext], LMSource]] = {
-    "demo-llama": _demo("demo-llama"),
-    "demo-llama-tiny": _demo("demo-llama-tiny"),
+LANGUAGE_MODELS: dict[str, Callable[[], LMSource]] = {
     "vicuna-7b-v1.5": _local("vicuna-7b-v1.5"),
 }
 
 
-def resolve_language_model(spec: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                           demo_texts: Sequence[str] | None = None, seed: int = 0) -> LMSource:
+def resolve_language_model(spec: str | os.PathLike) -> LMSource:
     """The LMSource for a registered name, a .gguf file or an HF directory."""
     text = str(spec)
     if text in LANGUAGE_MODELS:
-        ctx = LMContext(Path(cache_dir) if cache_dir is not None else None, demo_texts, seed)
-        return LANGUAGE_MODELS[text](ctx)
+        return LANGUAGE_MODELS[text]()
+    if is_demo_lm(text):
+        raise InputError(f"stage2.language_model: {text!r} is a demo LM, built from a text corpus before stage 2 "
+                         "(stage2_llava.stage.build_demo_lm; the chain does it): pass the directory it returns")
     path = Path(text)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return LMSource("gguf", path, text)
@@ -197,10 +179,8 @@ def resolve_language_model(spec: str | os.PathLike, *, cache_dir: str | os.PathL
                      "an HF model directory with config.json, or a .gguf file")
 
 
-def load_language_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                        cache_dir: str | os.PathLike | None = None, demo_texts: Sequence[str] | None = None,
-                        seed: int = 0) -> LanguageModel:
-    source = resolve_language_model(spec, cache_dir=cache_dir, demo_texts=demo_texts, seed=seed)
+def load_language_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> LanguageModel:
+    source = resolve_language_model(spec)
     model, tokenizer = LM_LOADERS[source.kind](source.path, dtype=dtype)
     if model.get_output_embeddings() is None:
         raise InputError(f"{source.path}: {type(model).__name__} has no output embeddings, expected a causal LM")

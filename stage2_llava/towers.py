@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from pipeline.io import InputError, require_safetensors
+from common.io import InputError, require_safetensors
 
 FAMILY_FEATURE_LAYER = -2  # LLaVA-1.5 for CLIP; prismatic's second-to-last block for SigLIP and DINOv2
 

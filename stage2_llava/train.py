@@ -33,22 +33,22 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
-from pipeline.disk import require_free, tensor_bytes, tree_bytes
-from pipeline.faults import failpoint
-from pipeline.io import InputError, RunStopped, atomic_write_json, load_safetensors, seed_everything
-from pipeline.metrics_log import MetricLogger
+from common.checkpoint import OVERHEAD_BYTES, latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+from common.disk import require_free, tensor_bytes, tree_bytes
+from common.faults import failpoint
+from common.io import InputError, NonFiniteLoss, atomic_write_json, load_safetensors
+from common.launch import free_port
+from common.metrics_log import MetricLogger
 from stage2_llava import ds_state
 from stage2_llava.assemble import build_llava, load_llava, num_image_tokens, save_llava, set_trainable, supervised_loss
-from stage2_llava.conversation import get_template
 from stage2_llava.data import Collator, ImageLoader, LlavaDataset, StepBatchSampler
 from stage2_llava.feature_cache import FeatureCache, projected_features
 from stage2_llava.llava_json import load_llava_json, modality_lengths
@@ -57,10 +57,6 @@ from stage2_llava.preprocess import IGNORE_INDEX
 log = logging.getLogger(__name__)
 PHASES = ("pretrain", "finetune")
 TOKENIZER_FILES_BYTES = 8 << 20  # tokenizer.json + processor files: 3.5 MB measured for a 32k LLaMA vocabulary
-
-
-class NonFiniteLoss(RunStopped):
-    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -73,12 +69,14 @@ def batch_plan(global_batch: int, per_device: int, world: int) -> int:
     return global_batch // (per_device * world)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """transformers.get_cosine_schedule_with_warmup's multiplier at optimizer step `step` (0-based)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+def cosine_schedule(optimizer: torch.optim.Optimizer, lr: float, warmup: int, total: int, step: int = 0):
+    """transformers' get_cosine_schedule_with_warmup from base `lr`, standing at optimizer step `step` (0, or the
+    resumed step): the optimizer's lr is the one of step `step`, and each `.step()` moves it one step on."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    for group in optimizer.param_groups:  # the base, whatever lr a restored checkpoint left in the groups
+        group["lr"] = group["initial_lr"] = lr
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total, last_epoch=step - 1)
 
 
 def use_bf16(precision: str) -> bool:
@@ -103,13 +101,8 @@ def _single_process_env() -> None:
     """DeepSpeed needs a torch.distributed environment even for one process (else it looks for MPI)."""
     if "RANK" in os.environ:
         return
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(free_port()))
 
 
 def make_accelerator(deepspeed: str, *, per_device: int, accum: int, world: int, bf16: bool, hidden_size: int,
@@ -200,21 +193,14 @@ class PhaseData:
     cache: dict | None
 
 
-def demo_texts_of(records) -> list[str]:
-    """The records as vicuna_v1 prompts: the text a registered demo LM is trained on before stage 2."""
-    tpl = get_template("vicuna_v1")
-    return [tpl.render(r.conversations) for r in records]
-
-
-def _init_model(phase: str, cfg, init_dir_or_sources, *, lm_cache_dir, demo_texts):
+def _init_model(phase: str, cfg, init_dir_or_sources):
     if phase == "pretrain":
         tower, lm = init_dir_or_sources if init_dir_or_sources else (cfg.vision_tower, cfg.language_model)
         if not tower:
             raise InputError("stage2.vision_tower is empty, expected a tower directory (stage2_llava.towers) for the "
                              "pretrain phase")
         return build_llava(tower, lm, cfg.projector, cfg.vision_feature_layer,
-                           model_max_length=cfg.model_max_length, dtype=torch.float32, cache_dir=lm_cache_dir,
-                           demo_texts=demo_texts, seed=cfg.seed)
+                           model_max_length=cfg.model_max_length, dtype=torch.float32, seed=cfg.seed)
     src = Path(init_dir_or_sources or "")
     if (src / "hf").is_dir():
         src = src / "hf"
@@ -331,130 +317,163 @@ def _workers(num_workers: int | None, world: int) -> int:
     return max(0, min(4, (os.cpu_count() or 1) // world - 1))
 
 
+class _PhaseRun:
+    """One phase's training in this process: the prepared model and optimizer, the schedule, where the run
+    stands (step, epoch, step in the epoch, counters) and what it writes. Built in the order of the original
+    single function, so resumes and random streams are unchanged."""
+
+    def __init__(self, model: nn.Module, processor, data: PhaseData, accelerator, *, phase: str, cfg, ph,
+                 accum: int, out_dir: str | os.PathLike, counts: dict, num_workers: int | None):
+        self.model, self.processor, self.data, self.acc = model, processor, data, accelerator
+        self.phase, self.cfg, self.ph, self.accum, self.ds = phase, cfg, ph, accum, ph.deepspeed
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.world, self.rank, self.is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+        if cfg.grad_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = _optimizer(model, ph.lr, ph.weight_decay)
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.counters = {"bad_samples": 0, "mismatch_samples": 0}
+        ck, state = self._resume()
+        self.resumed_from = self.step
+        self.wrapped, self.opt = accelerator.prepare(TrainForward(model), self.optimizer)
+        if ck is not None and self.ds != "none":
+            _restore_deepspeed(model, self.wrapped.optimizer, ck, state, phase)
+        self.wrapped.train()
+        self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        self.global_batch = ph.per_device_batch_size * accum * self.world
+        self.per_epoch = math.ceil(len(data.dataset) / self.global_batch)
+        self.total = ph.max_steps if ph.max_steps is not None else max(1, math.ceil(ph.epochs * self.per_epoch))
+        self.schedule = cosine_schedule(self.optimizer, ph.lr, math.ceil(ph.warmup_ratio * self.total), self.total,
+                                        self.step)
+        self.trainable = {name: {"trainable": t, "total": n} for name, (t, n) in counts.items()}
+        self.logger = MetricLogger(self.out_dir / "logs", resume_step=self.step) if self.is_main else None
+        if self.is_main:
+            atomic_write_json(self.out_dir / "trainable.json", self.trainable)
+            for name, c in self.trainable.items():
+                log.info("stage2 %s: %s trains %d of %d parameters", phase, name, c["trainable"], c["total"])
+        self.collator = Collator(processor.tokenizer.pad_token_id)
+        self.workers = _workers(cfg.workers if num_workers is None else num_workers, self.world)
+        self.seen = torch.zeros(2, dtype=torch.float64)  # tokens, samples processed in this run
+        self.loss = torch.tensor(float("nan"))
+
+    def _resume(self) -> tuple[Path | None, dict | None]:
+        if self.is_main:
+            sweep_partial(self.ckpt_dir)
+        ck = latest_checkpoint(self.ckpt_dir)
+        if ck is None:
+            return None, None
+        state = _restore(self.model, self.optimizer, ck, with_optimizer=self.ds == "none")
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.counters = state["counters"]
+        log.info("stage2 %s: resuming from %s (step %d)", self.phase, ck, self.step)
+        return ck, state
+
+    def checkpoint(self) -> None:
+        tensors = _trainable_state(self.model, self.ds)
+        extra, ds_meta = {}, None
+        if self.ds != "none":  # every rank takes part in assembling DeepSpeed's partitions
+            ds_tensors, ds_meta = ds_state.gather(_trainable_named(self.model), self.wrapped.optimizer, keep=self.is_main)
+            extra = {ds_state.FILE: ds_tensors}
+        if self.is_main:
+            save_checkpoint(self.ckpt_dir, self.step, tensors, self.optimizer if self.ds == "none" else None, {
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "counters": self.counters,
+                "phase": self.phase, "world_size": self.world, "global_batch": self.global_batch,
+                "total_steps": self.total, "deepspeed": ds_meta,
+            }, keep=self.cfg.keep_checkpoints, extra=extra)
+        self.acc.wait_for_everyone()
+
+    def one_step(self, micro: list[dict]) -> dict:
+        """One optimizer step over a global batch's micro-batches; the metrics of its log line."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        self.loss = train_step(self.wrapped, self.acc, micro, world=self.world, accum=self.accum)
+        if not torch.isfinite(self.loss):
+            raise NonFiniteLoss(f"stage2 {self.phase} step {self.step + 1}: non-finite loss {float(self.loss)}; stopped, "
+                                f"last good checkpoint kept: {latest_checkpoint(self.ckpt_dir)}")
+        clip = self.cfg.max_grad_norm
+        grad_norm = self.acc.clip_grad_norm_(self.params, clip) if clip > 0 else None
+        self.opt.step()  # a no-op under DeepSpeed, whose engine stepped inside the last backward
+        self.opt.zero_grad(set_to_none=True)
+        self.schedule.step()
+        failpoint("train.step")
+        local = torch.tensor([sum(float(m["attention_mask"].sum()) for m in micro), sum(len(m["index"]) for m in micro),
+                              sum(m["n_bad"] for m in micro), sum(m["n_mismatch"] for m in micro)],
+                             device=self.acc.device)
+        tokens, samples, bad, mismatch = self.acc.reduce(local, "sum").tolist()
+        dt = time.perf_counter() - t0
+        self.seen += torch.tensor([tokens, samples], dtype=torch.float64)
+        self.counters = {"bad_samples": self.counters["bad_samples"] + int(bad),
+                         "mismatch_samples": self.counters["mismatch_samples"] + int(mismatch)}
+        return {"loss": float(self.loss), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "epoch": self.epoch, **self.counters}
+
+    def run_epoch(self, bar) -> None:
+        """The rest of the current epoch (from `step_in_epoch`), or up to the step budget."""
+        ph = self.ph
+        sampler = StepBatchSampler(self.data.lengths, per_device=ph.per_device_batch_size, accum=self.accum,
+                                   world=self.world, rank=self.rank, seed=self.cfg.seed, epoch=self.epoch,
+                                   group_by_modality=ph.group_by_modality_length, start_step=self.step_in_epoch)
+        batches = iter(torch.utils.data.DataLoader(self.data.dataset, batch_sampler=sampler, collate_fn=self.collator,
+                                                   num_workers=self.workers))
+        while self.step_in_epoch < sampler.steps_per_epoch and self.step < self.total:
+            metrics = self.one_step([next(batches) for _ in range(self.accum)])
+            self.step, self.step_in_epoch = self.step + 1, self.step_in_epoch + 1
+            bar.update(1)
+            if self.is_main and (self.step % self.cfg.log_every_steps == 0 or self.step == self.total):
+                self.logger.log(self.step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if self.step % ph.checkpoint_every_steps == 0 or self.step == self.total:
+                self.checkpoint()
+        if self.step_in_epoch >= sampler.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def finish(self, seconds: float, disk_estimate: dict | None) -> dict:
+        loss, seen = self.loss, self.seen
+        summary = {
+            "phase": self.phase, "steps": self.step, "resumed_from_step": self.resumed_from,
+            "total_steps": self.total, "epochs_done": self.epoch, "seconds": round(seconds, 3),
+            "tokens_per_s": float(seen[0]) / seconds if seconds > 0 else None,
+            "samples_per_s": float(seen[1]) / seconds if seconds > 0 else None,
+            "final_loss": float(loss) if torch.isfinite(loss) else None, "world_size": self.world,
+            "per_device_batch_size": self.ph.per_device_batch_size, "accumulation_steps": self.accum,
+            "global_batch_size": self.global_batch, "steps_per_epoch": self.per_epoch, "trainable": self.trainable,
+            "skipped_records": self.data.skipped_records, **self.counters, "feature_cache": self.data.cache,
+            "deepspeed": self.ds, "disk_estimate": disk_estimate, **_where_it_ran(self.acc, self.params, self.cfg.precision),
+        }
+        _save_final(self.model, self.processor, self.out_dir / "hf", self.ds, self.is_main)
+        if self.is_main:
+            atomic_write_json(self.out_dir / "train_summary.json", summary)
+            self.logger.close()
+        self.acc.wait_for_everyone()
+        return summary
+
+
 def train_model(model: nn.Module, processor, data: PhaseData, accelerator, *, phase: str, cfg, ph, accum: int,
                 out_dir: str | os.PathLike, counts: dict, num_workers: int | None = None,
                 disk_estimate: dict | None = None) -> dict:
     """The loop: `model` (trainable parameters already chosen) trained on `data` into `out_dir` (module docstring)."""
-    out_dir, ds = Path(out_dir), ph.deepspeed
-    ckpt_dir = out_dir / "checkpoints"
-    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if cfg.grad_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = _optimizer(model, ph.lr, ph.weight_decay)
-    step = epoch = step_in_epoch = 0
-    counters = {"bad_samples": 0, "mismatch_samples": 0}
-    if is_main:
-        sweep_partial(ckpt_dir)
-    ck = latest_checkpoint(ckpt_dir)
-    if ck is not None:
-        state = _restore(model, optimizer, ck, with_optimizer=ds == "none")
-        step, epoch, step_in_epoch, counters = state["step"], state["epoch"], state["step_in_epoch"], state["counters"]
-        log.info("stage2 %s: resuming from %s (step %d)", phase, ck, step)
-    resumed_from = step
-    wrapped, opt = accelerator.prepare(TrainForward(model), optimizer)
-    if ck is not None and ds != "none":
-        _restore_deepspeed(model, wrapped.optimizer, ck, state, phase)
-    wrapped.train()
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    global_batch = ph.per_device_batch_size * accum * world
-    per_epoch = math.ceil(len(data.dataset) / global_batch)
-    total = ph.max_steps if ph.max_steps is not None else max(1, math.ceil(ph.epochs * per_epoch))
-    warmup = math.ceil(ph.warmup_ratio * total)
-    trainable = {name: {"trainable": t, "total": n} for name, (t, n) in counts.items()}
-    logger = MetricLogger(out_dir / "logs", resume_step=step) if is_main else None
-    if is_main:
-        atomic_write_json(out_dir / "trainable.json", trainable)
-        for name, c in trainable.items():
-            log.info("stage2 %s: %s trains %d of %d parameters", phase, name, c["trainable"], c["total"])
-    collator = Collator(processor.tokenizer.pad_token_id)
-    workers = _workers(cfg.workers if num_workers is None else num_workers, world)
-
-    def checkpoint():
-        tensors = _trainable_state(model, ds)
-        extra, ds_meta = {}, None
-        if ds != "none":  # every rank takes part in assembling DeepSpeed's partitions
-            ds_tensors, ds_meta = ds_state.gather(_trainable_named(model), wrapped.optimizer, keep=is_main)
-            extra = {ds_state.FILE: ds_tensors}
-        if is_main:
-            save_checkpoint(ckpt_dir, step, tensors, optimizer if ds == "none" else None, {
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "counters": counters, "phase": phase,
-                "world_size": world, "global_batch": global_batch, "total_steps": total, "deepspeed": ds_meta,
-            }, keep=cfg.keep_checkpoints, extra=extra)
-        accelerator.wait_for_everyone()
-
-    bar = tqdm(total=total, initial=step, desc=f"stage2 {phase}", disable=not is_main, dynamic_ncols=True)
+    run = _PhaseRun(model, processor, data, accelerator, phase=phase, cfg=cfg, ph=ph, accum=accum, out_dir=out_dir,
+                    counts=counts, num_workers=num_workers)
+    bar = tqdm(total=run.total, initial=run.step, desc=f"stage2 {phase}", disable=not run.is_main, dynamic_ncols=True)
     t_begin = time.perf_counter()
-    seen = torch.zeros(2, dtype=torch.float64)  # tokens, samples processed in this run
-    loss = torch.tensor(float("nan"))
-    while step < total:
-        sampler = StepBatchSampler(data.lengths, per_device=ph.per_device_batch_size, accum=accum, world=world,
-                                   rank=rank, seed=cfg.seed, epoch=epoch,
-                                   group_by_modality=ph.group_by_modality_length, start_step=step_in_epoch)
-        batches = iter(torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collator,
-                                                   num_workers=workers))
-        while step_in_epoch < sampler.steps_per_epoch and step < total:
-            micro = [next(batches) for _ in range(accum)]
-            lr = ph.lr * lr_factor(step, total, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            loss = train_step(wrapped, accelerator, micro, world=world, accum=accum)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"stage2 {phase} step {step + 1}: non-finite loss {float(loss)}; stopped, "
-                                    f"last good checkpoint kept: {latest_checkpoint(ckpt_dir)}")
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            opt.step()  # a no-op under DeepSpeed, whose engine stepped inside the last backward
-            opt.zero_grad(set_to_none=True)
-            failpoint("train.step")
-            local = torch.tensor([sum(float(m["attention_mask"].sum()) for m in micro), sum(len(m["index"]) for m in micro),
-                                  sum(m["n_bad"] for m in micro), sum(m["n_mismatch"] for m in micro)],
-                                 device=accelerator.device)
-            tokens, samples, bad, mismatch = accelerator.reduce(local, "sum").tolist()
-            dt = time.perf_counter() - t0
-            seen += torch.tensor([tokens, samples], dtype=torch.float64)
-            counters = {"bad_samples": counters["bad_samples"] + int(bad),
-                        "mismatch_samples": counters["mismatch_samples"] + int(mismatch)}
-            step, step_in_epoch = step + 1, step_in_epoch + 1
-            bar.update(1)
-            if is_main and (step % cfg.log_every_steps == 0 or step == total):
-                logger.log(step, {"loss": float(loss), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                                  "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "epoch": epoch, **counters})
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-            if step % ph.checkpoint_every_steps == 0 or step == total:
-                checkpoint()
-        if step_in_epoch >= sampler.steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
+    while run.step < run.total:
+        run.run_epoch(bar)
     bar.close()
-    seconds = time.perf_counter() - t_begin
-    summary = {
-        "phase": phase, "steps": step, "resumed_from_step": resumed_from, "total_steps": total, "epochs_done": epoch,
-        "seconds": round(seconds, 3), "tokens_per_s": float(seen[0]) / seconds if seconds > 0 else None,
-        "samples_per_s": float(seen[1]) / seconds if seconds > 0 else None, "final_loss": float(loss) if torch.isfinite(loss) else None,
-        "world_size": world, "per_device_batch_size": ph.per_device_batch_size, "accumulation_steps": accum,
-        "global_batch_size": global_batch, "steps_per_epoch": per_epoch, "trainable": trainable,
-        "skipped_records": data.skipped_records, **counters, "feature_cache": data.cache, "deepspeed": ds,
-        "disk_estimate": disk_estimate, **_where_it_ran(accelerator, params, cfg.precision),
-    }
-    _save_final(model, processor, out_dir / "hf", ds, is_main)
-    if is_main:
-        atomic_write_json(out_dir / "train_summary.json", summary)
-        logger.close()
-    accelerator.wait_for_everyone()
-    return summary
+    return run.finish(time.perf_counter() - t_begin, disk_estimate)
 
 
 def run_phase(phase: str, cfg, *, init_dir_or_sources=None, data_json: str | None = None,
               image_folder: str | None = None, out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-              num_workers: int | None = None, lm_cache_dir: str | os.PathLike | None = None,
-              demo_texts: Sequence[str] | None = None) -> dict:
-    """Train (or resume) one stage-2 phase into `out_dir`; returns the summary written to train_summary.json.
+              num_workers: int | None = None) -> dict:
+    """Train (or resume) one stage-2 phase into `out_dir` in this process; returns the summary written to
+    train_summary.json (`stage2_llava.stage` launches it in every process).
 
     init_dir_or_sources: pretrain: (vision_tower, language_model), or None for cfg's; finetune: the pretrain
-    phase's out_dir (or its hf/). data_json / image_folder default to the phase config's. cache_dir: root of
-    the feature cache (default out_dir/../feature_cache, shared by sibling phase directories). num_workers:
-    DataLoader workers (default: `cfg.workers`). lm_cache_dir / demo_texts: for a
-    registered demo LM (pretrain only): where it is built and cached (default out_dir/../language_models)
-    and the text it learns (default: this phase's records as vicuna_v1 prompts).
+    phase's out_dir (or its hf/). The language model is a path or a registered name (registry.LANGUAGE_MODELS;
+    a demo LM is built first, stage2_llava.stage.build_demo_lm). data_json / image_folder default to the phase
+    config's. cache_dir: root of the feature cache (default out_dir/../feature_cache, shared by sibling phase
+    directories). num_workers: DataLoader workers (default: `cfg.workers`).
     """
     if phase not in PHASES:
         raise InputError(f"stage2 phase {phase!r}, expected one of {PHASES}")
@@ -474,11 +493,8 @@ def run_phase(phase: str, cfg, *, init_dir_or_sources=None, data_json: str | Non
     records, skipped = load_llava_json(data_json, image_folder, skip_bad=cfg.skip_bad_records)
     if not records:
         raise InputError(f"{data_json}: no usable records")
-    seed_everything(cfg.seed)
-    if phase == "pretrain" and demo_texts is None:
-        demo_texts = demo_texts_of(records)
-    model, processor = _init_model(phase, cfg, init_dir_or_sources, demo_texts=demo_texts,
-                                   lm_cache_dir=lm_cache_dir or out_dir.parent / "language_models")
+    set_seed(cfg.seed)
+    model, processor = _init_model(phase, cfg, init_dir_or_sources)
     counts = set_trainable(model, "finetune" if ph.train_lm else "pretrain")
     cache_dir = Path(cache_dir or out_dir.parent / "feature_cache")
     need = disk_need(model, cfg, ph, records, num_image_tokens(model))

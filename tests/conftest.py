@@ -69,7 +69,7 @@ def write_csv(out: Path, n: int = 64, seed: int = 0) -> str:
 
 def kill_after_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, min_step: int, timeout: float = 120) -> int:
     """SIGKILL `proc` once a checkpoint of step >= min_step exists in ckpt_dir; returns the newest step left."""
-    from pipeline.checkpoint import latest_checkpoint
+    from common.checkpoint import latest_checkpoint
 
     deadline = time.time() + timeout
     while time.time() < deadline:

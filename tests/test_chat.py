@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.rundir import RunDir
 from stage2_llava.assemble import build_llava, save_llava
 from stage2_llava.chat import ChatSession, Sampling, interactive, load_chat_model, prompt_of, reply
-from stage2_llava.demo_lm import ensure_demo_lm
+from stage2_llava.demo_lm import ensure_demo_lm, write_corpus
 
 CORPUS = ["A red circle is above a blue square.", "USER: What color is the circle? ASSISTANT: red</s>",
           "There are two shapes. The background is gray."] * 4
@@ -23,7 +23,7 @@ CORPUS = ["A red circle is above a blue square.", "USER: What color is the circl
 def llava(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("chat")
-    lm = ensure_demo_lm("demo-llama-tiny", root / "lms", CORPUS, steps=3)
+    lm = ensure_demo_lm("demo-llama-tiny", root / "lms", write_corpus(root / "corpus.jsonl", CORPUS), steps=3)
     model, processor = build_llava(str(write_clip_dir(root / "clip")), str(lm), model_max_length=128)
     Image.new("RGB", (40, 24), (220, 30, 30)).save(root / "red.png")
     Image.new("RGB", (24, 24), (30, 30, 220)).save(root / "blue.png")

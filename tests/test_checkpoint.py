@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def _model_and_opt():

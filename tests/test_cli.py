@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
+from common.io import InputError
 from pipeline.cli import EXIT_CONFIG, EXIT_INPUT, main
-from pipeline.io import InputError
 from pipeline.rundir import RunDir
 
 SUBCOMMANDS = [
@@ -110,3 +110,31 @@ def test_bad_config_exits_2_in_one_line_and_keeps_the_run_dir(tmp_path, capsys, 
     assert {"yaml": f"{broken}: not valid YAML", "unknown": "stage1.epochz: unknown key",
             "type": "stage1.epochs: expected an integer", "range": "stage1.batch_size: must be >= 1"}[bad] in err
     assert {str(p.relative_to(rd)): p.read_bytes() for p in rd.rglob("*") if p.is_file()} == before
+
+
+def test_stage1_commands_run_the_parts_of_the_stage1_step_through_the_runner(tmp_path, capsys):
+    """`stage1 train`, `export`, `eval` are the stage1 step's parts: together they record what `run` records."""
+    from pipeline import chain
+    from pipeline.config import load_config
+
+    rd = RunDir(tmp_path / "run")
+    assert main(["stage1", "train", "--config", "tiny", "--run-dir", str(rd.path), "stage1.epochs=1"]) == 0
+    entry = rd.stage("stage1")
+    assert entry["status"] == "done" and set(entry["outputs"]) == {"checkpoint_dir", "train_log"}
+    assert "train_seconds" in entry and rd.stage("data")["status"] == "done"  # the data it needed, as a step
+    capsys.readouterr()
+    assert main(["stage1", "eval", "--run-dir", str(rd.path)]) == EXIT_INPUT  # nothing exported yet
+    assert "no finished output 'open_clip_dir'" in capsys.readouterr().err
+    assert main(["stage1", "export", "--run-dir", str(rd.path)]) == 0
+    assert main(["stage1", "eval", "--run-dir", str(rd.path)]) == 0
+    entry = rd.stage("stage1")
+    assert set(entry["outputs"]) == {"checkpoint_dir", "train_log", "open_clip_dir", "hf_clip_dir", "metrics_json",
+                                     "umap_png"} and entry["status"] == "done"
+    cfg = load_config(str(rd.config_path))
+    assert entry["config_hash"] == chain.step_keys(cfg)["stage1"]
+    assert chain.run_step(cfg, rd, "stage1") == "skipped"  # `run` finds the step done
+    # a changed stage-1 config: `stage1 train` starts the step afresh (its directory wiped), as `run` would
+    stale = rd.path / "stage1" / "open_clip"
+    assert stale.is_dir()
+    assert main(["stage1", "train", "--run-dir", str(rd.path), "stage1.epochs=0"]) == 0
+    assert not stale.exists() and set(rd.stage("stage1")["outputs"]) == {"checkpoint_dir", "train_log"}

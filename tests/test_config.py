@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from common.schema import ConfigError, describe, to_dict
 from pipeline.config import RunConfig, arm_config, config_hash, dump_yaml, from_dict, load_config, preset_names
-from pipeline.schema import ConfigError, describe, to_dict
 
 
 def test_presets_exist_and_resolve():

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import disk
+from common import disk
+from common.disk import DiskSpaceError, require_free, tree_bytes
 from pipeline.cli import main
-from pipeline.disk import DiskSpaceError, require_free, tree_bytes
 from stage2_llava.train import TOKENIZER_FILES_BYTES
 
 Usage = namedtuple("Usage", "total used free")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from test_eval_tasks import _image, _pope_question, write_demo_eval, write_tiny_llava
 
+from common import devices
+from common.io import InputError
+from common.schema import ConfigError
 from eval_mllm.parallel import EvalJob, merge_records
-from pipeline import devices
 from pipeline.config import load_config
-from pipeline.io import InputError
-from pipeline.schema import ConfigError
 
 
 @pytest.fixture()
@@ -54,11 +54,11 @@ def test_impossible_requests_fail_naming_the_key(cuda):
 
 
 def test_each_process_gets_its_own_gpu_and_dtype(monkeypatch, tmp_path):
-    job = EvalJob(tmp_path, ("t",), tmp_path, False, tmp_path, "cuda", "bf16", 2, None, 1, None, 0)
+    job = EvalJob(tmp_path, ("t",), tmp_path, False, tmp_path, "cuda", "bf16", 2, None, None, 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert job.model_args() == f"pretrained={tmp_path},device=cuda:1,device_map=cuda:1,dtype=bfloat16"
     assert job.gen_kwargs() == "temperature=0"  # each task's own max_new_tokens
-    one = EvalJob(tmp_path, ("t",), tmp_path, False, tmp_path, "cpu", "fp32", 1, None, 1, 7, 0)
+    one = EvalJob(tmp_path, ("t",), tmp_path, False, tmp_path, "cpu", "fp32", 1, None, 7, 0)
     assert one.model_args().endswith("device=cpu,device_map=cpu,dtype=float32")
     assert one.gen_kwargs() == "max_new_tokens=7,temperature=0"
 

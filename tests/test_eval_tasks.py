@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.io import InputError
 from eval_mllm.task_sets import (
     LOCAL_TASKS,
     TASK_INFO,
@@ -24,7 +25,6 @@ from eval_mllm.task_sets import (
     lmms_task_name,
     materialise_tasks,
 )
-from pipeline.io import InputError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -221,6 +221,17 @@ def test_expand_tasks():
     assert expand_tasks(["paper13"]) == TASK_SETS["paper13"]
     assert expand_tasks("demo_gqa, pope_adv,demo_gqa") == ["demo_gqa", "pope_adv"]
     assert expand_tasks(["demo", "demo_vqav2"]) == TASK_SETS["demo"]
+
+
+def test_each_demo_task_is_declared_once_with_its_yaml():
+    """DEMO_TASKS is the only list: the demo set, TASK_INFO and LOCAL_TASKS follow it, one YAML template each."""
+    from eval_mllm.task_sets import DEMO_TASKS, TASKS_DIR
+
+    names = [t.name for t in DEMO_TASKS]
+    assert TASK_SETS["demo"] == names and len(set(names)) == len(names)
+    assert all(TASK_INFO[t.name] is t.info and LOCAL_TASKS[t.name] == t.local() for t in DEMO_TASKS)
+    templates = {p.stem for p in (TASKS_DIR / "demo").glob("demo_*.yaml")}
+    assert templates == set(names)
     with pytest.raises(InputError, match="no task names"):
         expand_tasks([" , "])
 
@@ -231,7 +242,7 @@ def test_expand_tasks():
 def test_check_task_available(tmp_path, monkeypatch, default_manager):
     import huggingface_hub.constants as hub
 
-    from pipeline.world.paper13 import spec_for, write_spec
+    from demo_world.paper13 import spec_for, write_spec
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -373,7 +384,7 @@ def test_runner_end_to_end_on_tiny_llava(tmp_path, data_root, monkeypatch):
     print(f"runner end to end: {elapsed:.1f} s")
 
 
-def test_runner_rejects_bad_model_dir_and_batch_size(tmp_path):
+def test_runner_rejects_bad_model_dir(tmp_path):
     from eval_mllm.runner import run_lmms_eval
 
     with pytest.raises(InputError, match="config.json missing"):
@@ -381,6 +392,17 @@ def test_runner_rejects_bad_model_dir_and_batch_size(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(InputError, match="no model.safetensors"):
         run_lmms_eval(tmp_path, ["demo"], tmp_path / "out")
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(InputError, match="eval.batch_size"):
-        run_lmms_eval(tmp_path, ["demo"], tmp_path / "out", batch_size=4)
+
+
+def test_eval_batch_size_is_retired(tmp_path):
+    """llava_hf generates one request at a time: the key is gone; an older run's config.yaml holding the only value
+    it ever accepted still loads, any other value is a one-line config error."""
+    from common.schema import ConfigError, describe
+    from pipeline.config import RunConfig, dump_yaml, load_config
+
+    old = tmp_path / "config.yaml"
+    old.write_text(dump_yaml(load_config("tiny")).replace("eval:\n", "eval:\n  batch_size: 1\n"))
+    assert "batch_size" in old.read_text() and load_config(str(old)) == load_config("tiny")
+    with pytest.raises(ConfigError, match=r"^eval.batch_size: removed \(lmms-eval's llava_hf generates one request"):
+        load_config("tiny", ["eval.batch_size=4"])
+    assert "eval.batch_size" not in [row[0] for row in describe(RunConfig)]

@@ -1,7 +1,7 @@
 """SIGKILL at every failpoint of a checkpoint or directory write leaves the previous version usable.
 
 Each case runs a child process that writes checkpoint 1 (or directory version 1), then is killed by
-pipeline.faults at a named spot of the second write; the parent checks what a resume would see. The
+common.faults at a named spot of the second write; the parent checks what a resume would see. The
 whole-chain version with random kills is scripts/fault_inject.py (and test_fault_inject_script).
 """
 
@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
-from pipeline.io import staged_dir, sweep_partial_writes
+from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+from common.io import staged_dir, sweep_partial_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.io import staged_dir
+    from common.checkpoint import save_checkpoint
+    from common.io import staged_dir
     out = sys.argv[1]
     if sys.argv[2] == "ckpt":
         for step in (1, 2, 3):

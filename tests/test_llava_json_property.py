@@ -7,7 +7,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava.llava_json import load_llava_json
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)

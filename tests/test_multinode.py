@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from common.io import load_safetensors
+from common.launch import Nodes, free_port, launch_config
 from pipeline.cli import main
-from pipeline.io import load_safetensors
-from pipeline.launch import Nodes, free_port, launch_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

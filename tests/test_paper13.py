@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from demo_world import paper13_rows
+from demo_world.paper13 import SPECS, _features, cache_dir_name, spec_for, write_paper13_fixtures
 from eval_mllm import prompts, task_sets
 from eval_mllm.task_sets import TASK_SETS, check_task_available, lmms_task_name
-from pipeline.world import paper13_rows
-from pipeline.world.paper13 import SPECS, _features, cache_dir_name, spec_for, write_paper13_fixtures
 
 LOCAL12 = [t for t in TASK_SETS["paper13"] if t != "mmvet"]
 RUN_AS = {t: lmms_task_name(t, textvqa_ocr=True) for t in TASK_SETS["paper13"]}
@@ -86,7 +86,7 @@ def test_fixtures_sit_where_each_task_yaml_loads_from(hf_home, manager):
 
 
 def test_fixtures_refuse_to_shadow_a_real_cache(tmp_path):
-    from pipeline.io import InputError
+    from common.io import InputError
 
     real = tmp_path / "datasets" / "lmms-lab-encoder___pope" / "Full" / "0.0.0" / ("b" * 40) / "dataset_info.json"
     real.parent.mkdir(parents=True)
@@ -99,7 +99,7 @@ def test_fixtures_refuse_to_shadow_a_real_cache(tmp_path):
 
 
 def test_offline_availability_needs_the_prepared_cache_not_a_hub_snapshot(tmp_path, monkeypatch, manager):
-    from pipeline.world.paper13 import write_spec
+    from demo_world.paper13 import write_spec
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     snapshot = tmp_path / "hub" / "datasets--Lin-Chen--MMStar" / "snapshots" / ("a" * 40)

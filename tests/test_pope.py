@@ -6,8 +6,8 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.world import benchmarks
-from pipeline.world.pope import (
+from demo_world import benchmarks
+from demo_world.pope import (
     adversarial_negatives,
     cooccurrence_counts,
     object_frequencies,
@@ -15,7 +15,7 @@ from pipeline.world.pope import (
     popular_negatives,
     random_negatives,
 )
-from pipeline.world.scenes import SHAPES, sample_scene
+from demo_world.scenes import SHAPES, sample_scene
 
 # Hand-made dataset: "a" is everywhere, "b" is frequent, "e" is rare but always comes with "d".
 IMAGES = [

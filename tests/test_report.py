@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from common.io import InputError
 from eval_mllm.bootstrap import TaskStatistic, load_samples, paired_bootstrap, paired_bootstrap_indices
 from eval_mllm.report import write_report
-from pipeline.io import InputError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.io import InputError
+from common.checkpoint import load_checkpoint
+from common.io import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stage1_pretrain", "stage2_llava", "eval_mllm", "scripts")

@@ -12,7 +12,7 @@ import torch
 from bad_images import bomb_png, broken_png, truncated_png
 from PIL import Image
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage1_pretrain.data import build_train_loader, index_shard
 from stage1_pretrain.subdescriptions import TextViews
 from stage1_pretrain.views import MultiView, load_rgb, make_view_transform, to_rgb
@@ -237,7 +237,7 @@ def test_truncated_images_stay_bad_after_lmms_eval_relaxes_pil(monkeypatch):
     """lmms-eval sets PIL's global LOAD_TRUNCATED_IMAGES on import; our decoder stays strict and restores it."""
     from PIL import ImageFile
 
-    from pipeline.images import ImageDecodeError, decode_image
+    from common.images import ImageDecodeError, decode_image
 
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     for data in (truncated_png(), _image_bytes(1)[:-200]):

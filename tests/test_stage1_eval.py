@@ -13,20 +13,12 @@ import torch.nn.functional as F
 from bad_images import bomb_png
 from PIL import Image
 
-from pipeline.io import InputError
-from stage1_pretrain.evaluate import (
-    build_zero_shot_classifier,
-    encode,
-    evaluate,
-    linear_probe,
-    load_eval_records,
-    modality_gap,
-    retrieval_recall,
-    stratified_split,
-    umap_plot,
-    zero_shot_accuracy,
-    zero_shot_top1,
-)
+from common.io import InputError
+from stage1_pretrain.embeddings import build_zero_shot_classifier, encode, zero_shot_top1
+from stage1_pretrain.evalset import load_eval_records
+from stage1_pretrain.evaluate import evaluate
+from stage1_pretrain.metrics import linear_probe, modality_gap, retrieval_recall, stratified_split, zero_shot_accuracy
+from stage1_pretrain.pictures import umap_plot
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 E = torch.eye(4)
@@ -267,14 +259,14 @@ def test_evaluate_end_to_end_tiny_clip(tmp_path):
 
 def test_eval_images_decode_as_training_images_do(tmp_path):
     """Transparency over white and 16-bit rescaling, as stage-1 training's load_rgb (not PIL's convert("RGB"))."""
-    from stage1_pretrain.evaluate import _load_image
+    from stage1_pretrain.evalset import load_image
     from stage1_pretrain.views import load_rgb
 
     rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     grey16 = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
     for name, im in (("rgba.png", rgba), ("grey16.png", grey16)):
         im.save(tmp_path / name)
-        got = _load_image(tmp_path / name, "x")
+        got = load_image(tmp_path / name, "x")
         assert got.tobytes() == load_rgb((tmp_path / name).read_bytes()).tobytes()
-    assert _load_image(tmp_path / "rgba.png", "x").getpixel((0, 0)) == (255, 255, 255)
-    assert _load_image(tmp_path / "grey16.png", "x").getpixel((0, 0)) == (156, 156, 156)
+    assert load_image(tmp_path / "rgba.png", "x").getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(tmp_path / "grey16.png", "x").getpixel((0, 0)) == (156, 156, 156)

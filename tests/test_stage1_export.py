@@ -224,7 +224,7 @@ def test_hf_export_from_a_loaded_standard_layout_model(trained, tmp_path):
 @pytest.mark.parametrize("method", ["slip", "flair"])
 def test_slip_and_flair_export_only_the_encoders(method, tmp_path):
     """Heads trained one step; stage.export writes the bare encoders (+ FLAIR's logit bias), nothing of the heads."""
-    from pipeline.io import save_safetensors
+    from common.io import save_safetensors
     from stage1_pretrain import stage
 
     torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage1_pretrain import export, models
 from stage1_pretrain.config import Stage1Config
 from stage1_pretrain.external import convert_to_hf, warm_start

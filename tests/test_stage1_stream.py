@@ -15,9 +15,9 @@ import pytest
 import torch
 from test_stage1_data import _assert_same, _good, _loader, _make_shards, _write_tar, tokenizer  # noqa: F401
 
+from common.io import InputError, load_safetensors
+from common.schema import ConfigError
 from pipeline.config import load_config
-from pipeline.io import InputError, load_safetensors
-from pipeline.schema import ConfigError
 from stage1_pretrain.sources import is_stream
 from stage1_pretrain.streaming import parse_sources, track
 from stage1_pretrain.train import train
@@ -124,7 +124,7 @@ def _final(out):
 
 
 def _killed_then_resumed(cfg, overrides, source, out, kill_at):
-    """SIGKILL a training process inside step `kill_at` (pipeline.faults), then resume it here."""
+    """SIGKILL a training process inside step `kill_at` (common.faults), then resume it here."""
     code = ("import torch; torch.set_num_threads(1)\n"
             "from pipeline.config import load_config\nfrom stage1_pretrain.train import train\n"
             f"train(load_config('tiny', {overrides!r}).stage1, {source!r}, None, {str(out)!r})\n")
@@ -158,7 +158,7 @@ def test_stage1_trains_from_a_stream_and_a_weighted_mixture_and_resumes_exactly(
 
 @pytest.mark.slow
 def test_two_processes_stream_disjoint_shards_and_checkpoint_both_positions(local, tmp_path):
-    from pipeline.launch import run
+    from common.launch import run
 
     source = _pipe(local["a"])
     cfg = load_config("tiny", [*BASE, "stage1.epochs=1", "stage1.samples_per_epoch=16",

@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.schema import ConfigError
+from common.schema import ConfigError
 from stage1_pretrain import methods, models
 from stage1_pretrain.config import Stage1Config
 from stage1_pretrain.fusion import FusionHead

@@ -11,7 +11,7 @@ import torch
 from conftest import smollm2_gguf as _smollm2_gguf
 from PIL import Image
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava.assemble import (
     build_llava,
     load_llava,
@@ -21,7 +21,7 @@ from stage2_llava.assemble import (
     supervised_loss,
 )
 from stage2_llava.conversation import get_template
-from stage2_llava.demo_lm import ensure_demo_lm
+from stage2_llava.demo_lm import ensure_demo_lm, write_corpus
 from stage2_llava.projectors import build_projector, projector_builder
 from stage2_llava.registry import MODELS_ENV, load_vision_tower, resolve_language_model
 
@@ -53,7 +53,7 @@ def parts(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("assemble")
     clip_dir = make_clip_dir(root / "clip")
-    lm_dir = ensure_demo_lm("demo-llama-tiny", root / "lms", CORPUS, steps=3)
+    lm_dir = ensure_demo_lm("demo-llama-tiny", root / "lms", write_corpus(root / "corpus.jsonl", CORPUS), steps=3)
     model, processor = build_llava(clip_dir, str(lm_dir), model_max_length=64)
     return {"root": root, "clip": clip_dir, "lm": lm_dir, "model": model, "processor": processor}
 
@@ -247,8 +247,8 @@ def test_registry_errors_are_one_line(parts, tmp_path, monkeypatch):
     monkeypatch.setenv(MODELS_ENV, str(tmp_path))
     with pytest.raises(InputError, match="vicuna-7b-v1.5/config.json not found"):
         resolve_language_model("vicuna-7b-v1.5")
-    with pytest.raises(InputError, match="demo_texts"):
-        resolve_language_model("demo-llama")
+    with pytest.raises(InputError, match="'demo-llama' is a demo LM, built from a text corpus"):
+        resolve_language_model("demo-llama")  # assembly loads built LMs only; the chain builds the demo ones
     with pytest.raises(InputError, match="not a registered name"):
         resolve_language_model("llama-2-7b")  # no guessing from name parts
     with pytest.raises(InputError, match="config.json not found"):

@@ -12,7 +12,7 @@ import torch
 from bad_images import bomb_png, broken_png
 from test_stage2_data import NUM_IMAGE_TOKENS, make_dataset, tiny_llava, write_llava_data
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava.data import Collator
 from stage2_llava.feature_cache import FeatureCache, select_features
 from stage2_llava.llava_json import load_llava_json

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import smollm2_gguf
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava.conversation import TEMPLATES, VICUNA_SYSTEM, get_template
 from stage2_llava.preprocess import (
     IGNORE_INDEX,

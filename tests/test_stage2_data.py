@@ -19,8 +19,8 @@ import torch
 from bad_images import bomb_png, broken_png, encode, mode_images, noise, truncated_jpeg, truncated_png
 from PIL import Image
 
+from common.io import InputError
 from pipeline.config import load_config
-from pipeline.io import InputError
 from stage2_llava.data import (
     Collator,
     ImageLoader,

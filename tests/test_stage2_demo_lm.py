@@ -1,4 +1,4 @@
-"""Demo LM: a LLaMA-layout 32k-tokenizer Llama trained briefly on given text, cached and loadable by the registry."""
+"""Demo LM: a LLaMA-layout 32k-tokenizer Llama trained briefly on a corpus file, cached, loaded like any local LM."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava import demo_lm
-from stage2_llava.demo_lm import build_demo_lm, demo_lm_dir, ensure_demo_lm, token_stream
+from stage2_llava.demo_lm import (
+    build_demo_lm,
+    demo_lm_dir,
+    ensure_demo_lm,
+    read_corpus,
+    token_stream,
+    write_corpus,
+)
 from stage2_llava.registry import load_language_model
 
 CORPUS = [
@@ -21,9 +28,24 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", CORPUS)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, corpus):
     torch.set_num_threads(1)
-    return build_demo_lm("demo-llama-tiny", tmp_path_factory.mktemp("demo") / "tiny", CORPUS, seed=0, steps=12)
+    return build_demo_lm("demo-llama-tiny", tmp_path_factory.mktemp("demo") / "tiny", corpus, seed=0, steps=12)
+
+
+def test_corpus_file_round_trips_and_bad_lines_are_one_line(tmp_path):
+    texts = ["USER: hi\nASSISTANT: a \u2028 b</s>", "caf\u00e9", ""]
+    assert read_corpus(write_corpus(tmp_path / "c.jsonl", texts)) == texts
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n[1]\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: expected a JSON object"):
+        read_corpus(tmp_path / "bad.jsonl")
+    with pytest.raises(InputError, match="corpus not found"):
+        read_corpus(tmp_path / "missing.jsonl")
 
 
 def test_writes_a_plain_hf_llama_directory(built):
@@ -62,32 +84,35 @@ def test_image_placeholder_is_dropped_and_texts_end_with_eos(built):
         token_stream(tok, ["<image>", "  "])
 
 
-def test_deterministic_for_a_seed(built, tmp_path):
-    again = build_demo_lm("demo-llama-tiny", tmp_path / "again", CORPUS, seed=0, steps=12)
-    other = build_demo_lm("demo-llama-tiny", tmp_path / "other", CORPUS, seed=1, steps=12)
+def test_deterministic_for_a_seed(built, corpus, tmp_path):
+    again = build_demo_lm("demo-llama-tiny", tmp_path / "again", corpus, seed=0, steps=12)
+    other = build_demo_lm("demo-llama-tiny", tmp_path / "other", corpus, seed=1, steps=12)
     a, b, c = (load_file(str(d / "model.safetensors")) for d in (built, again, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
 
 
 def test_ensure_builds_once_per_texts(tmp_path, monkeypatch):
-    first = ensure_demo_lm("demo-llama-tiny", tmp_path, CORPUS[:3], steps=2)
-    assert first == demo_lm_dir("demo-llama-tiny", tmp_path, CORPUS[:3], steps=2)
+    three = write_corpus(tmp_path / "corpus" / "three.jsonl", CORPUS[:3])
+    first = ensure_demo_lm("demo-llama-tiny", tmp_path / "lms", three, steps=2)
+    assert first == demo_lm_dir("demo-llama-tiny", tmp_path / "lms", CORPUS[:3], steps=2)
 
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt a cached demo LM")
 
-    monkeypatch.setattr(demo_lm, "build_demo_lm", fail)
-    assert ensure_demo_lm("demo-llama-tiny", tmp_path, CORPUS[:3], steps=2) == first
+    monkeypatch.setattr(demo_lm, "_build", fail)
+    same = write_corpus(tmp_path / "corpus" / "same.jsonl", CORPUS[:3])  # another file, the same texts
+    assert ensure_demo_lm("demo-llama-tiny", tmp_path / "lms", same, steps=2) == first
     assert demo_lm_dir("demo-llama-tiny", tmp_path, CORPUS[:2], steps=2) != first
     assert demo_lm_dir("demo-llama-tiny", tmp_path, CORPUS[:3], seed=1, steps=2) != first
-    assert not list(tmp_path.glob(".*"))  # no temp dirs left behind
+    assert not list((tmp_path / "lms").glob(".*"))  # no temp dirs left behind
 
 
-def test_registry_loads_demo_names_through_the_cache(tmp_path):
-    lm = load_language_model("demo-llama-tiny", cache_dir=tmp_path, demo_texts=CORPUS[:3])
+def test_the_built_directory_loads_like_any_local_lm_and_the_name_alone_does_not(built, corpus, tmp_path):
+    lm = load_language_model(str(built))
     assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.source.kind == "hf_dir"
-    assert lm.source.path == demo_lm_dir("demo-llama-tiny", tmp_path, CORPUS[:3])
     assert lm.tokenizer.eos_token == "</s>"
+    with pytest.raises(InputError, match="is a demo LM, built from a text corpus"):
+        load_language_model("demo-llama-tiny")
     with pytest.raises(InputError, match="unknown demo language model"):
-        ensure_demo_lm("demo-gpt", tmp_path, CORPUS)
+        ensure_demo_lm("demo-gpt", tmp_path, corpus)

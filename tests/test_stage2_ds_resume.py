@@ -12,17 +12,17 @@ import sys
 
 import pytest
 import torch
-from test_stage2_train import BASE, ROOT, pretrained, world  # noqa: F401 (fixtures)
+from test_stage2_train import BASE, ROOT, parts, pretrained, world  # noqa: F401 (fixtures)
 
-from pipeline.checkpoint import latest_checkpoint
-from pipeline.io import load_safetensors
+from common.checkpoint import latest_checkpoint
+from common.io import load_safetensors
 from stage2_llava import ds_state
 
 STEPS, KILL_AT = 6, 4
 
 
 def _finetune(world, out, stage: str, kill_at: int | None = None) -> subprocess.CompletedProcess:  # noqa: F811
-    over = [*BASE, "stage2.vision_tower=" + world["tower"], f"stage2.finetune.deepspeed={stage}",
+    over = [*BASE, *parts(world), f"stage2.finetune.deepspeed={stage}",
             f"stage2.finetune.max_steps={STEPS}", "stage2.finetune.checkpoint_every_steps=1", "stage2.keep_checkpoints=8"]
     code = ("import sys, torch; torch.set_num_threads(1)\n"
             f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
@@ -74,7 +74,7 @@ def test_deepspeed_kill_and_resume_restores_weights_masters_and_moments(world, p
 
 def test_checkpoint_keeps_and_restores_gpu_rng_states(tmp_path, monkeypatch):
     """With CUDA (patched in), every visible GPU's generator state is saved and set back."""
-    from pipeline import checkpoint as ck
+    from common import checkpoint as ck
 
     states = {0: torch.arange(8, dtype=torch.uint8), 1: torch.arange(8, 16, dtype=torch.uint8)}
     restored = {}

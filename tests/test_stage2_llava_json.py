@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from pipeline.io import InputError
+from common.io import InputError
 from stage2_llava.llava_json import Record, load_llava_json, modality_lengths
 
 

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from tower_dirs import IMAGE_TOKENS, SIDE, STRATEGY, WRITERS, write_clip_dir, write_dinov2_dir
 
+from common.io import InputError
+from common.schema import ConfigError
 from pipeline import chain
 from pipeline.config import load_config
-from pipeline.io import InputError
-from pipeline.schema import ConfigError
 from stage2_llava.assemble import build_llava, load_llava, num_image_tokens, save_llava
-from stage2_llava.demo_lm import ensure_demo_lm
+from stage2_llava.demo_lm import ensure_demo_lm, write_corpus
 from stage2_llava.feature_cache import select_features
 from stage2_llava.towers import is_external, load_tower, parse_tower_spec
 
@@ -26,7 +26,8 @@ FAMILIES = tuple(WRITERS)
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     torch.set_num_threads(1)
-    return str(ensure_demo_lm("demo-llama-tiny", tmp_path_factory.mktemp("lm"), CORPUS, steps=3))
+    root = tmp_path_factory.mktemp("lm")
+    return str(ensure_demo_lm("demo-llama-tiny", root, write_corpus(root / "corpus.jsonl", CORPUS), steps=3))
 
 
 @pytest.fixture(scope="module")

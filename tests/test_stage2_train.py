@@ -1,6 +1,6 @@
 """Stage-2 loop: pretrain -> finetune into loadable HF dirs, resume after SIGKILL, NaN stop, DDP = 1 process, DeepSpeed.
 
-Model: a tiny HF CLIP tower written here + assemble's `demo-llama-tiny` language model.
+Model: a tiny HF CLIP tower written here + a `demo-llama-tiny` language model built from the test data's text.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ import torch
 from conftest import kill_after_checkpoint
 from test_stage2_data import write_llava_data
 
-from pipeline.checkpoint import latest_checkpoint
+from common.checkpoint import latest_checkpoint
+from common.io import NonFiniteLoss, load_safetensors
+from common.metrics_log import read_jsonl
 from pipeline.config import load_config
-from pipeline.io import load_safetensors
-from pipeline.metrics_log import read_jsonl
+from stage2_llava import stage as stage2
 from stage2_llava import train as train_mod
-from stage2_llava.train import NonFiniteLoss, batch_plan, deepspeed_config, lr_factor, run_phase
+from stage2_llava.train import batch_plan, cosine_schedule, deepspeed_config, run_phase
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 
-BASE = ["stage2.language_model=demo-llama-tiny", "stage2.model_max_length=128", "stage2.feature_cache=false",
+BASE = ["stage2.model_max_length=128", "stage2.feature_cache=false",
         "stage2.pretrain.global_batch_size=4", "stage2.pretrain.per_device_batch_size=2",
         "stage2.pretrain.max_steps=3", "stage2.finetune.global_batch_size=4", "stage2.finetune.per_device_batch_size=2",
         "stage2.finetune.max_steps=3", "stage2.finetune.lr=1.0e-3"]
@@ -51,12 +52,19 @@ def write_tower(out: Path) -> Path:
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("s2train")
     pre, fin, folder = write_llava_data(root, n_images=8)
+    corpus = stage2.write_lm_corpus([(str(pre), str(folder))], root / "lms")
+    lm = stage2.build_demo_lm("demo-llama-tiny", corpus, root / "lms")
     return {"root": root, "tower": str(write_tower(root / "tower")), "pre": str(pre), "fin": str(fin),
-            "folder": str(folder)}
+            "folder": str(folder), "lm": str(lm)}
+
+
+def parts(world) -> list[str]:
+    """The tower and the language model of these tests, as config overrides."""
+    return [f"stage2.vision_tower={world['tower']}", f"stage2.language_model={world['lm']}"]
 
 
 def _cfg(world, *over):
-    return load_config("tiny", [*BASE, f"stage2.vision_tower={world['tower']}", *over]).stage2
+    return load_config("tiny", [*BASE, *parts(world), *over]).stage2
 
 
 def _pretrain(world, out, *over):
@@ -74,12 +82,27 @@ def pretrained(world):
 
 # --------------------------------------------------------------------------------------- pieces
 
-def test_schedule_equals_transformers_cosine_with_warmup():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    ref = transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=20)
-    for step in range(20):
-        assert lr_factor(step, 20, 3) == pytest.approx(ref.lr_lambdas[0](step), abs=1e-12)
-    assert lr_factor(0, 20, 3) == 0.0 and lr_factor(3, 20, 3) == 1.0
+def test_schedule_is_transformers_cosine_with_warmup_and_resumes_at_its_step():
+    def groups(lr):
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+    ref_opt = groups(2e-3)
+    ref = transformers.get_cosine_schedule_with_warmup(ref_opt, num_warmup_steps=3, num_training_steps=20)
+    want = []
+    for _ in range(20):
+        want.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    assert want[0] == 0.0 and want[3] == 2e-3
+    for start in (0, 1, 7, 19):  # a resumed run stands at its step, whatever lr the checkpoint left in the groups
+        opt = groups(123.0)
+        schedule = cosine_schedule(opt, 2e-3, 3, 20, start)
+        got = []
+        for _ in range(start, 20):
+            got.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.step()
+        assert got == want[start:], start
 
 
 def test_batch_plan_and_deepspeed_configs():
@@ -152,7 +175,7 @@ def _launch_killable(world, out, over):
         "import sys, torch; torch.set_num_threads(1)\n"
         f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
         "from test_stage2_train import run_phase, load_config\n"
-        f"cfg = load_config('tiny', {[*BASE, 'stage2.vision_tower=' + world['tower'], *over]!r}).stage2\n"
+        f"cfg = load_config('tiny', {[*BASE, *parts(world), *over]!r}).stage2\n"
         f"run_phase('pretrain', cfg, data_json={world['pre']!r}, image_folder={world['folder']!r}, "
         f"out_dir={str(out)!r}, num_workers=1)\n"
     )
@@ -202,13 +225,13 @@ def _ddp_worker(world, out, over):
     import torch
 
     torch.set_num_threads(1)
-    cfg = load_config("tiny", [*BASE, f"stage2.vision_tower={world['tower']}", *over]).stage2
+    cfg = load_config("tiny", [*BASE, *parts(world), *over]).stage2
     return run_phase("finetune", cfg, init_dir_or_sources=world["root"] / "pre", data_json=world["fin"],
                      image_folder=world["folder"], out_dir=out, num_workers=0)
 
 
 def test_two_process_ddp_equals_one_process(world, pretrained, tmp_path):
-    from pipeline.launch import run
+    from common.launch import run
 
     one = _ddp_worker(world, tmp_path / "one", [])
     two = run(_ddp_worker, (world, tmp_path / "two", []), 2)
@@ -235,7 +258,7 @@ def test_deepspeed_one_process_smoke(world, pretrained, tmp_path, stage):
         "import sys, json, time, torch; torch.set_num_threads(1)\n"
         f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
         "from test_stage2_train import run_phase, load_config\n"
-        f"cfg = load_config('tiny', {[*BASE, 'stage2.vision_tower=' + world['tower'], 'stage2.pretrain.deepspeed=' + stage]!r}).stage2\n"
+        f"cfg = load_config('tiny', {[*BASE, *parts(world), 'stage2.pretrain.deepspeed=' + stage]!r}).stage2\n"
         f"s = run_phase('pretrain', cfg, data_json={world['pre']!r}, image_folder={world['folder']!r}, "
         f"out_dir={str(tmp_path / 'ds')!r}, num_workers=0)\n"
         "print('SUMMARY' + json.dumps(s))\n"

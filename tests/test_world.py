@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io import InputError
-from pipeline.world import GENERATOR_VERSION, SIZES, generate, multichoice
-from pipeline.world import language as L
-from pipeline.world.scenes import COLORS, REGIONS, SHAPES, render, sample_scene
+from common.io import InputError
+from demo_world import GENERATOR_VERSION, SIZES, generate, multichoice
+from demo_world import language as L
+from demo_world.scenes import COLORS, REGIONS, SHAPES, render, sample_scene
 
 # before any `datasets` import (the tests import it lazily): never reach for the hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

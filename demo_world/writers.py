@@ -1,6 +1,6 @@
 """Deterministic, atomic writers for the demo world: webdataset shards, JSON(L), parquet, hashes.
 
-Every writer builds the file in memory and hands it to `pipeline.io.atomic_write_bytes`,
+Every writer builds the file in memory and hands it to `common.io.atomic_write_bytes`,
 so a killed run leaves either no file or a complete one. Byte-identical output for the
 same input: tar members carry mtime 0 and fixed owner names; JSON keys are sorted.
 """
@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from pipeline.io import atomic_write_bytes, sha256_file
+from common.io import atomic_write_bytes, sha256_file
 
 TAR_OWNER = "ito"
 

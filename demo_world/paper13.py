@@ -1,7 +1,7 @@
 """Offline fixtures for the paper's 13 lmms-eval tasks, written as the Hugging Face cache they load from.
 
 `ito-mllm data paper13-fixtures --out DIR` writes, for every dataset a paper13 task reads, a
-few demo-world rows (`pipeline.world.paper13_rows`) with the real dataset's features under
+few demo-world rows (`demo_world.paper13_rows`) with the real dataset's features under
 `DIR/datasets/`. With `HF_HOME=DIR` (and HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1), lmms-eval's
 own task YAMLs load them through `datasets.load_dataset(dataset_path, dataset_name, split=...)`.
 
@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io import InputError, atomic_write_json, staged_dir
-from pipeline.world import paper13_rows as rows
+from common.io import InputError, atomic_write_json, staged_dir
+from demo_world import paper13_rows as rows
 
 VERSION = "0.0.0"  # what `datasets` records for hub parquet datasets without a version
 FIXTURE_VERSION = 1

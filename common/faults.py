@@ -8,7 +8,7 @@ nothing unless the environment asks for it:
 - ITO_MLLM_FAILPOINT_TRACE=FILE appends "STEP NAME" for every hit, so an uninterrupted run tells
   the injector where and how often each spot is reached.
 
-The chain step is taken from ITO_MLLM_FAULT_STEP, which `pipeline.chain` sets around each step (an
+The chain step is taken from ITO_MLLM_FAULT_STEP, which the step runner (`pipeline.chain.run_step`) sets around each step (an
 environment variable, so launched worker processes inherit it).
 """
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def _kill_spec(text: str) -> tuple[str, str, int] | None:
@@ -51,3 +53,14 @@ def set_step(step: str | None) -> None:
         os.environ.pop("ITO_MLLM_FAULT_STEP", None)
     else:
         os.environ["ITO_MLLM_FAULT_STEP"] = step
+
+
+@contextmanager
+def in_step(step: str) -> Iterator[None]:
+    """Failpoint hits inside the block belong to chain step `step`; the enclosing step's name comes back after."""
+    before = os.environ.get("ITO_MLLM_FAULT_STEP")
+    set_step(step)
+    try:
+        yield
+    finally:
+        set_step(before)

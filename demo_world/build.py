@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import InputError
-from pipeline.world import benchmarks, instruct, writers
-from pipeline.world.language import brief_caption
-from pipeline.world.scenes import COLORS, SHAPES, jpeg_bytes, render, sample_scene
+from common.io import InputError
+from demo_world import benchmarks, instruct, writers
+from demo_world.language import brief_caption
+from demo_world.scenes import COLORS, SHAPES, jpeg_bytes, render, sample_scene
 
 GENERATOR_VERSION = "3.0.0"
 SIZES = {

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.world import language as L
-from pipeline.world import multichoice
-from pipeline.world.pope import pope_questions
-from pipeline.world.scenes import SHAPES
+from demo_world import language as L
+from demo_world import multichoice
+from demo_world.pope import pope_questions
+from demo_world.scenes import SHAPES
 
 SOURCE = "ito-mllm demo world"
 SYNONYMS = {

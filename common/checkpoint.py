@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.faults import failpoint
-from pipeline.io import InputError, atomic_write_text, load_safetensors, read_json, save_safetensors
+from common.faults import failpoint
+from common.io import InputError, atomic_write_text, load_safetensors, read_json, save_safetensors
 
 # Per checkpoint besides the tensors: RNG states (torch CPU and CUDA tensors, Python and NumPy Mersenne
 # states as JSON) and metadata, ~27 KB measured on the CPU; disk estimates add it.

@@ -60,11 +60,17 @@ class MetricLogger:
             self._tb.close()
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    out = []
+def read_jsonl_counted(path: str | Path) -> tuple[list[dict], int]:
+    """The records of a JSONL log and how many lines could not be read (torn by a kill)."""
+    out, torn = [], 0
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
-    return out
+            torn += 1
+    return out, torn
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL log; lines torn by a kill are skipped."""
+    return read_jsonl_counted(path)[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.io import InputError
+from common.io import InputError
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.world import language as L
-from pipeline.world.scenes import COLORS, SHAPES
+from demo_world import language as L
+from demo_world.scenes import COLORS, SHAPES
 
 WAVELENGTH_ORDER = ("red", "orange", "yellow", "green", "blue", "purple")  # longest first
 SIDES = {"triangle": 3, "square": 4, "diamond": 4, "hexagon": 6}

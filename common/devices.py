@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from pipeline.io import InputError
+from common.io import InputError
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -1,15 +1,15 @@
-"""Small helpers every stage shares: atomic writes, safetensors/JSON save and load, seeding.
+"""Small helpers every stage shares: atomic writes, safetensors/JSON save and load.
 
-Stages import this module and the other stage-free helpers of `pipeline` (schema, checkpoint,
-metrics_log, disk, faults, images); none of those may import a stage package.
+Part of `common`, the ground floor: stage-free helpers that import none of the other packages
+(ARCHITECTURE.md; tests/test_layout.py checks it from the import graph).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.faults import failpoint
+from common.faults import failpoint
 
 
 class InputError(ValueError):
@@ -26,6 +26,10 @@ class InputError(ValueError):
 
 class RunStopped(RuntimeError):
     """A long run stopped on purpose (non-finite loss, too many bad samples); the CLI prints one line."""
+
+
+class NonFiniteLoss(RunStopped):
+    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,6 +128,18 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def json_finite(obj: Any) -> Any:
+    """NaN/inf to None, in nested dicts and lists: JSON has no such numbers (a statistic of an empty set,
+    a degenerate embedding)."""
+    if isinstance(obj, dict):
+        return {k: json_finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read JSON, turning a parse error into a one-line InputError naming the file."""
     path = Path(path)
@@ -191,20 +207,3 @@ def require_safetensors(model_dir: str | os.PathLike) -> None:
     pickles = sorted(p.name for p in d.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
     raise InputError(f"{d}: no model.safetensors (or model.safetensors.index.json), expected safetensors weights"
                      + (f"; {', '.join(pickles)} may hold pickled code and are not loaded" if pickles else ""))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (when installed) for reproducible runs."""
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2**32))
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:
-        pass

@@ -1,7 +1,7 @@
 """Rows of the paper-13 fixture datasets: demo-world scenes in each benchmark's own record layout.
 
-Every builder draws scenes with the demo world's sampler and renderer (`pipeline.world`) and
-returns `{split: [row, ...]}` with the columns of the real dataset (see `pipeline.world.paper13`
+Every builder draws scenes with the demo world's sampler and renderer (`demo_world`) and
+returns `{split: [row, ...]}` with the columns of the real dataset (see `demo_world.paper13`
 for the features and where each dataset lives). Rows are deterministic in (seed, row index).
 
 Ground truth is fixed by row index wherever a score depends on it, so tests can compute the
@@ -22,11 +22,11 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.world import language as L
-from pipeline.world import multichoice
-from pipeline.world.benchmarks import GQA_DETAILED
-from pipeline.world.pope import pope_questions
-from pipeline.world.scenes import COLORS, SHAPES, jpeg_bytes, render, sample_scene
+from demo_world import language as L
+from demo_world import multichoice
+from demo_world.benchmarks import GQA_DETAILED
+from demo_world.pope import pope_questions
+from demo_world.scenes import COLORS, SHAPES, jpeg_bytes, render, sample_scene
 
 IMAGE_SIZE = 64
 TEXT_IMAGE_SIZE = 96  # TextVQA images carry a printed word; the default bitmap font needs the room

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.world.scenes import BACKGROUNDS, COLORS, REGIONS, SHAPES
+from demo_world.scenes import BACKGROUNDS, COLORS, REGIONS, SHAPES
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 WHERE = {

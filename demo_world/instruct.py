@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.world.language import NUMBER_WORDS, QA, caption, make_choices, qa_any
-from pipeline.world.scenes import COLORS, SHAPES
+from demo_world.language import NUMBER_WORDS, QA, caption, make_choices, qa_any
+from demo_world.scenes import COLORS, SHAPES
 
 IMAGE_TOKEN = "<image>"
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
